@@ -1,0 +1,213 @@
+"""The Variant contract: what an adapter method must say, and nothing about where it goes.
+
+A variant is a frozen dataclass of hyper-parameters plus three pieces of behaviour:
+
+1. ``init(site)``: create its tensors from the base weight (a ``SiteInit``), returned as a dict
+   ``name -> tensor``. Names in ``frozen`` become buffers, the rest trainable parameters.
+   A variant that changes the base weight (PiSSA's residual) calls ``site.replace_weight(W)``;
+   the engine applies it and keeps the original for ``restore``.
+2. ``forward(x, y, weight, bias, t)``: the adapted output of the site, written as plain torch
+   code. ``x`` is the site input, ``y`` the base output ``x W^T + b``, ``weight`` is W in
+   nn.Linear layout (d_out, d_in) whatever the storage layout, ``bias`` is b or None, and ``t``
+   gives the variant's tensors and modules by name (``t.lora_A``). The engine traces this
+   function with torch.fx and splices the resulting ops into the site's graph, so the same
+   definition serves a single leaf and a whole-model graph. When the adapter dtype differs from
+   the base dtype, the engine casts x, y, weight and bias in and the result back out.
+3. ``fold(weight, bias, t)``: return the merged ``(W', b')`` in nn.Linear layout. Every
+   variant here is linear in x, so each folds exactly.
+
+Optional: ``modules()`` (nn.Modules the forward calls, e.g. dropout), ``check(site)``
+(validate against the site's shape before anything changes), and for data-driven variants
+``needs_calibration``, ``observe(state, rows)`` and ``configure(states)``.
+
+Registration: decorate the class with ``@register``; ``adapters/__init__.py`` imports every
+module in this package, so a new variant touches its own file only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from surgery.errors import ConfigError, UnknownVariantError
+
+REGISTRY: dict[str, type["Variant"]] = {}
+
+
+def register(cls: type["Variant"]) -> type["Variant"]:
+    """Class decorator: make a variant known to ``load`` and the CLI under its class name."""
+    REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def variant_from_config(name: str, config: dict[str, Any]) -> "Variant":
+    """Rebuild a variant from ``Variant.to_config()`` output (used by load)."""
+    if name not in REGISTRY:
+        raise UnknownVariantError(
+            f"unknown variant {name!r}: this version of model-surgery knows {sorted(REGISTRY)}. "
+            "Upgrade model-surgery, or check that the file was written by it."
+        )
+    return REGISTRY[name].from_config(config)
+
+
+@dataclass
+class SiteInit:
+    """What a variant sees when it creates its tensors at one site."""
+
+    path: str
+    d_in: int
+    d_out: int
+    weight: torch.Tensor | None  # (d_out, d_in), float32 or wider, detached; None if opaque
+    bias: torch.Tensor | None  # (d_out,)
+    dtype: torch.dtype  # adapter tensor dtype
+    device: torch.device
+    calibration: Any = None  # what ``observe`` accumulated for this site
+    loading: bool = False  # tensors will be overwritten from a file right after init
+    new_weight: torch.Tensor | None = field(default=None, repr=False)
+
+    def replace_weight(self, w: torch.Tensor) -> None:
+        """Ask the engine to overwrite the base weight (d_out, d_in) when the rewrite commits."""
+        if w.shape != (self.d_out, self.d_in):
+            raise ValueError(f"replacement weight has shape {tuple(w.shape)}, expected {(self.d_out, self.d_in)}")
+        self.new_weight = w
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Base class of every adapter configuration. Subclasses are frozen dataclasses."""
+
+    dtype: torch.dtype | None = field(default=None, kw_only=True)
+
+    identity_tol: ClassVar[float | None] = 1e-6  # relative identity error promised at init; None: no promise
+    frozen: ClassVar[tuple[str, ...]] = ()  # tensor names stored as (persistent) buffers
+    modifies_base: ClassVar[bool] = False  # init rewrites the base weight (restore puts it back)
+    needs_weight: ClassVar[bool] = True  # needs the dense base weight (False: works on opaque layers)
+    needs_calibration: ClassVar[bool] = False
+
+    # ----- behaviour every variant provides -----
+    def init(self, site: SiteInit) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x, y, weight, bias, t):
+        raise NotImplementedError
+
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None, t) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    # ----- optional behaviour -----
+    def modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def check(self, site: SiteInit) -> None:
+        """Raise ConfigError if this configuration cannot work at this site."""
+
+    def observe(self, state: Any, rows: torch.Tensor) -> Any:
+        """Accumulate calibration rows (N, d_in) for one site; return the new state."""
+        raise NotImplementedError
+
+    def configure(self, states: dict[str, Any]) -> dict[str, "Variant"]:
+        """Per-site configurations after calibration (EVA's rank redistribution)."""
+        return {path: self for path in states}
+
+    # ----- description and serialisation -----
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def short(self) -> str:
+        """``LoRA(r=8)``: the fields that differ from their defaults."""
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and v == f.default:
+                continue
+            parts.append(f"{f.name}={_show(v)}")
+        return f"{self.name}({', '.join(parts)})"
+
+    def to_config(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.dtype):
+                v = str(v).removeprefix("torch.")
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Variant":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - set(names))
+        if unknown:
+            import warnings
+
+            warnings.warn(
+                f"{cls.__name__}: ignoring unknown config fields {unknown} (written by a newer model-surgery?)",
+                stacklevel=3,
+            )
+        kwargs = {}
+        for k, v in config.items():
+            if k not in names:
+                continue
+            if k == "dtype" and v is not None:
+                v = getattr(torch, v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    def adapter_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
+        """float32 adapters on half-precision bases (like PEFT), else the base dtype."""
+        if self.dtype is not None:
+            return self.dtype
+        if base_dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return base_dtype
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, torch.dtype):
+        return str(v).removeprefix("torch.")
+    if isinstance(v, float):
+        return f"{v:g}"
+    return repr(v)
+
+
+# ----- shared helpers for variant files -----
+
+
+def require_positive_rank(variant: Variant, r: int) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ConfigError(
+            f"{type(variant).__name__}: r must be a positive integer, got r={r!r}. "
+            f"Use e.g. {type(variant).__name__}(r=8)."
+        )
+
+
+def require_rank_fits(variant: Variant, site: SiteInit, r: int) -> None:
+    """For variants whose rank is bounded by the weight (SVD-based): r <= min(d_in, d_out)."""
+    limit = min(site.d_in, site.d_out)
+    if r > limit:
+        raise ConfigError(
+            f"{type(variant).__name__}: r={r} is larger than min(d_in, d_out)={limit} at {site.path} "
+            f"(weight {site.d_out}x{site.d_in}); an SVD of that weight has only {limit} directions. "
+            f"Use r <= {limit}, or leave {site.path} out of `where`."
+        )
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
+    """PEFT's LoRA scale: alpha / r, or alpha / sqrt(r) with rank-stabilised scaling."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def kaiming_uniform(shape: tuple[int, ...], fan_in: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """nn.Linear's default init (kaiming-uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound)
+

@@ -1,0 +1,62 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, arXiv 2106.09685).
+
+    y = W x + b + s * B A drop(x),    s = alpha / r   (rslora: alpha / sqrt(r), arXiv 2312.03732)
+
+    A: lora_A (r, d_in)   kaiming-uniform, a = sqrt(5)  ->  U(-1/sqrt(d_in), 1/sqrt(d_in))
+    B: lora_B (d_out, r)  zeros
+
+Identity at init: B = 0, so the adapter adds exactly 0.
+Fold: W' = W + s B A; b' = b.
+Requires: only the layer's shape (works on any Linear or GPT-2 Conv1D).
+Defaults follow PEFT (``LoraConfig``: r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False);
+dropout acts on the adapter branch only, as in PEFT and the paper.
+
+PiSSA and EVA subclass this class: same tensors, forward and fold, another init.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import SiteInit, Variant, kaiming_uniform, lora_scaling, register, require_positive_rank
+from surgery.errors import ConfigError
+
+
+@register
+@dataclass(frozen=True)
+class LoRA(Variant):
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+
+    needs_weight = False
+
+    def __post_init__(self):
+        require_positive_rank(self, self.r)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{self.name}: dropout must be in [0, 1), got dropout={self.dropout!r}.")
+
+    @property
+    def scale(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.rslora)
+
+    def init(self, site: SiteInit) -> dict[str, torch.Tensor]:
+        return {
+            "lora_A": kaiming_uniform((self.r, site.d_in), site.d_in, site.dtype, site.device),  # (r, d_in)
+            "lora_B": torch.zeros(site.d_out, self.r, dtype=site.dtype, device=site.device),  # (d_out, r)
+        }
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"lora_dropout": nn.Dropout(self.dropout)} if self.dropout > 0 else {}
+
+    def forward(self, x, y, weight, bias, t):
+        h = t.lora_dropout(x) if self.dropout > 0 else x
+        return y + F.linear(F.linear(h, t.lora_A), t.lora_B) * self.scale  # (..., d_out)
+
+    def fold(self, weight, bias, t):
+        return weight + self.scale * (t.lora_B @ t.lora_A), bias

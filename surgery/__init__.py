@@ -1,0 +1,18 @@
+"""model-surgery: edit neural networks by tracing them.
+
+    import surgery
+    from adapters import LoRA
+
+    surgery.rewrite(model, LoRA(r=8), where="*.{q_proj,v_proj}")
+    print(surgery.summary(model))
+    surgery.save(model, "lora.safetensors")
+    surgery.merge(model)
+"""
+
+from . import errors
+from .inspect import Plan, plan, sites, summary
+from .io import load, save
+from .rewrite import merge, restore, rewrite
+from .site import Site
+
+__all__ = ["rewrite", "plan", "sites", "summary", "merge", "restore", "save", "load", "Site", "Plan", "errors"]

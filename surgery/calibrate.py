@@ -1,0 +1,82 @@
+"""Calibration for data-driven variants (EVA): stream batches, hand each site its input rows.
+
+Temporary forward pre-hooks collect every matched leaf's input, drop padding positions when the
+batch carries an ``attention_mask``, and pass the rows to ``variant.observe`` batch by batch, so
+memory stays bounded by one batch. The hooks are always removed, even on error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from adapters.base import Variant
+
+from .errors import CalibrationError
+from .site import dims
+
+
+def _call(model: nn.Module, batch: Any):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    raise CalibrationError(
+        f"calibration batches must be dicts of tensors, tuples of tensors or tensors; got {type(batch).__name__}. "
+        "Example: calibration=[tokenizer(texts, return_tensors='pt', padding=True)]."
+    )
+
+
+def collect(model: nn.Module, variant: Variant, leaves: dict[str, nn.Module], calibration: Iterable[Any] | None) -> dict[str, Any]:
+    if calibration is None:
+        raise CalibrationError(
+            f"{variant.name} initialises from activations and needs calibration data: "
+            f"surgery.rewrite(model, {variant.short()}, where, calibration=batches), where batches is an "
+            "iterable of model inputs (dicts such as a tokenizer's output, tuples or tensors)."
+        )
+    states: dict[str, Any] = {p: None for p in leaves}
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook_for(path: str, d_in: int):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            x = x.detach()
+            m = mask[0]
+            if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
+                rows = x[m]
+            else:
+                rows = x.reshape(-1, d_in)
+            states[path] = variant.observe(states[path], rows.float())
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(p, dims(mod)[0]), with_kwargs=True) for p, mod in leaves.items()]
+    was = model.training
+    model.eval()
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(calibration, desc=f"{variant.name} calibration", unit="batch", leave=False):
+                am = batch.get("attention_mask") if isinstance(batch, dict) else None
+                mask[0] = None if am is None else am.bool()
+                _call(model, batch)
+                n += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    if n == 0:
+        raise CalibrationError(f"{variant.name}: the calibration iterable yielded no batches; pass at least one batch.")
+    empty = [p for p, s in states.items() if s is None]
+    if empty:
+        raise CalibrationError(
+            f"{variant.name}: no calibration tokens reached {empty[0]}"
+            f"{f' (and {len(empty) - 1} more sites)' if len(empty) > 1 else ''}; check that the batches run "
+            "through that part of the model and that the attention mask is not all zeros."
+        )
+    return states

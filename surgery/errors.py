@@ -1,0 +1,70 @@
+"""Every error model-surgery raises, in one place.
+
+Each message states the rule, the offending value and the fix. Each class also derives from the
+builtin that fits (ValueError, TypeError, ...), so ``except ValueError`` keeps working for callers
+who do not know our names.
+"""
+
+
+class SurgeryError(Exception):
+    """Base class of model-surgery's errors."""
+
+
+class PatternError(SurgeryError, ValueError):
+    """A `where` pattern is malformed (bad regex, unbalanced braces or brackets)."""
+
+
+class NoMatchError(SurgeryError, ValueError):
+    """A `where` pattern matches no module of the model."""
+
+
+class UnsupportedModuleError(SurgeryError, TypeError):
+    """A `where` pattern matches only modules that no variant can adapt (a LayerNorm, say)."""
+
+
+class WhereTypeError(SurgeryError, TypeError):
+    """`where` or `variant` is of the wrong type."""
+
+
+class ConfigError(SurgeryError, ValueError):
+    """A variant's hyper-parameters are invalid, or invalid at a particular site."""
+
+
+class AlreadyRewrittenError(SurgeryError, ValueError):
+    """A site is already rewritten; stacking two variants on one site is not supported."""
+
+
+class DenseWeightError(SurgeryError, TypeError):
+    """A variant needs a dense base weight and the matched layer has none."""
+
+
+class TiedWeightError(SurgeryError, ValueError):
+    """The operation would silently change a weight shared with another module."""
+
+
+class NonFiniteError(SurgeryError, ValueError):
+    """NaN or Inf in adapter tensors or in a folded weight."""
+
+
+class IdentityError(SurgeryError, RuntimeError):
+    """A variant that promises identity at init did not deliver it (a bug in the variant)."""
+
+
+class CalibrationError(SurgeryError, ValueError):
+    """A data-driven variant (EVA) got no calibration data, or too little."""
+
+
+class AdapterFileError(SurgeryError, OSError):
+    """An adapter file is missing, truncated, not safetensors, or lacks our metadata."""
+
+
+class BaseMismatchError(SurgeryError, ValueError):
+    """An adapter file was made for another base model (other paths or shapes)."""
+
+
+class UnknownVariantError(SurgeryError, ValueError):
+    """An adapter file names a variant this version does not know."""
+
+
+class NotRewrittenError(SurgeryError, ValueError):
+    """The model has no sites, so there is nothing to merge, restore, save or export."""

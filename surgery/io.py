@@ -1,0 +1,191 @@
+"""save / load: adapter tensors only, in safetensors, with the variant configs in the metadata.
+
+File layout: tensors keyed ``<module path>.<tensor name>`` (``model.layers.0.self_attn.k_proj.lora_A``);
+metadata ``format = "model-surgery"``, ``version``, ``sites`` (JSON: path -> variant name, config and
+the base layer's shape) and ``fingerprint`` (a hash of the base model's parameter names and
+shapes). Nothing is ever unpickled: the header is parsed as JSON before safetensors reads a byte
+of tensor data, and anything that is not safetensors is refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import AdapterFileError, AlreadyRewrittenError, BaseMismatchError
+from .rewrite import _all_sites, _restore_flags, _undo, apply_plan, candidates
+from .site import Site, adaptable, dims
+
+FORMAT = "model-surgery"
+VERSION = 1
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Hash of the base model's state_dict names and shapes (adapter tensors excluded)."""
+    adapter = {f"{p}.{n}" for p, s in model.named_modules() if isinstance(s, Site) for n in s.adapter_tensors()}
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if k not in adapter:
+            h.update(f"{k}:{tuple(v.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapter (tensors + configs + base fingerprint) to a safetensors file, atomically."""
+    sites = _all_sites(model)
+    tensors, meta = {}, {}
+    for p, s in sites.items():
+        for name, t in s.adapter_tensors().items():
+            tensors[f"{p}.{name}"] = t.detach().to("cpu").contiguous()
+        meta[p] = {
+            "variant": s.variant.name,
+            "config": s.variant.to_config(),
+            "base": {"class": s.base_class, "layout": s.layout, "d_in": s.d_in, "d_out": s.d_out,
+                     "dtype": str(s.weight.dtype).removeprefix("torch.")},
+        }
+    metadata = {"format": FORMAT, "version": str(VERSION), "sites": json.dumps(meta),
+                "fingerprint": fingerprint(model)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and validate a safetensors header without touching tensor data."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"no adapter file at {str(path)!r}: check the path (surgery.save writes one).")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFileError(f"{path} is {size} bytes long: too short to be a safetensors file (truncated?).")
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise AdapterFileError(
+                f"{path} looks like a pickle or a torch.save archive, not safetensors. model-surgery never "
+                "unpickles files (that can run arbitrary code); re-save the adapter with surgery.save."
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > min(_MAX_HEADER, size - 8):
+            raise AdapterFileError(
+                f"{path} is not a valid safetensors file: its header claims {n} bytes but the file has {size} "
+                "(truncated or not safetensors). Re-save the adapter with surgery.save."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AdapterFileError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt.") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise AdapterFileError(
+            f"{path} is truncated: its tensors need {8 + n + end} bytes but the file has {size}. Re-save the adapter."
+        )
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Our metadata from an adapter file: format, version, sites (parsed), fingerprint."""
+    meta = read_header(path).get("__metadata__") or {}
+    if meta.get("format") != FORMAT or "sites" not in meta:
+        raise AdapterFileError(
+            f"{path} is a safetensors file but not a model-surgery adapter (no '{FORMAT}' metadata). "
+            "For a PEFT adapter directory use surgery.import_peft(model, directory)."
+        )
+    try:
+        version = int(meta.get("version", "0"))
+        sites = json.loads(meta["sites"])
+    except (ValueError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{path}: unreadable model-surgery metadata ({e}).") from None
+    if version > VERSION:
+        warnings.warn(
+            f"{path} was written by a newer model-surgery (format version {version}, this one reads {VERSION}); "
+            "unknown fields are ignored.",
+            stacklevel=3,
+        )
+    return {"version": version, "sites": sites, "fingerprint": meta.get("fingerprint")}
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rewrite a fresh base as recorded in ``path`` and fill in the saved tensors; returns ``model``."""
+    from adapters.base import variant_from_config
+
+    meta = read_metadata(path)
+    plan = {p: variant_from_config(info["variant"], info.get("config", {})) for p, info in meta["sites"].items()}
+    cands = candidates(model)
+    for p, info in meta["sites"].items():
+        base = info.get("base", {})
+        mod = cands.get(p)
+        if mod is None:
+            close = difflib.get_close_matches(p, list(cands), n=2, cutoff=0.0)
+            raise BaseMismatchError(
+                f"{path} was saved for another base: it adapts {p}, which this model does not have "
+                f"(closest: {', '.join(close) or 'none'}). Load it onto the base it was trained on."
+            )
+        if isinstance(mod, Site):
+            raise AlreadyRewrittenError(
+                f"{p} is already rewritten; load onto a fresh base (or surgery.restore(model) first)."
+            )
+        if not adaptable(mod):
+            raise BaseMismatchError(f"{path} adapts {p}, but in this model {p} is a {type(mod).__name__}, not a linear layer.")
+        want = (base.get("d_in"), base.get("d_out"))
+        if dims(mod) != want:
+            raise BaseMismatchError(
+                f"{path} was saved for another base: {p} had in/out {want[0]}x{want[1]}, this model's is "
+                f"{dims(mod)[0]}x{dims(mod)[1]}. Load it onto the base it was trained on."
+            )
+    if meta["fingerprint"] and meta["fingerprint"] != fingerprint(model):
+        warnings.warn(
+            f"{path}: the base model differs from the one the adapter was saved on (other parameters or "
+            "shapes outside the adapted layers); the adapted layers match, so loading goes on.",
+            stacklevel=2,
+        )
+    first = not any(isinstance(m, Site) for m in cands.values())
+    built = apply_plan(model, plan, loading=True)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            for p, s in built.items():
+                for name, t in s.adapter_tensors().items():
+                    key = f"{p}.{name}"
+                    if key not in keys:
+                        raise AdapterFileError(f"{path} lacks tensor {key!r} that {s.variant.short()} needs; the file is incomplete.")
+                    v = f.get_tensor(key)
+                    if v.shape != t.shape:
+                        raise BaseMismatchError(
+                            f"{path}: tensor {key} has shape {tuple(v.shape)}, but {s.variant.short()} at {p} "
+                            f"expects {tuple(t.shape)}. The file does not belong to this base or config."
+                        )
+                    with torch.no_grad():
+                        t.copy_(v)
+    except BaseException:
+        _undo(model, built)
+        if first:
+            _restore_flags(model)
+        raise
+    return model

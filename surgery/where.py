@@ -1,0 +1,204 @@
+"""`where`: which modules a rewrite touches.
+
+Accepted forms, each matched against dotted module paths (``model.layers.0.self_attn.k_proj``):
+
+- a glob: ``*`` matches any run of characters, dots included; ``?`` one character; ``[0-3]``
+  and ``[!0]`` one character of a class; ``{k_proj,v_proj}`` alternatives (may nest);
+- ``"re:<regex>"``: a Python regex that must match the whole path;
+- a callable ``(path, module) -> bool``;
+- a list of any of these; every entry must match something on its own.
+
+Only adaptable modules (``surgery.site.adaptable``) become sites. A pattern that also covers
+containers or non-adaptable leaves (``model.layers.0.*`` covers LayerNorms) simply skips them;
+a pattern that covers nothing adaptable is an error naming what it did hit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from torch import nn
+
+from .errors import NoMatchError, PatternError, UnsupportedModuleError, WhereTypeError
+
+Where = str | Callable[[str, nn.Module], bool] | Iterable[str | Callable[[str, nn.Module], bool]]
+_GLOB_CHARS = set("*?[]{}")
+
+
+@dataclass
+class Pattern:
+    label: str
+    test: Callable[[str, nn.Module], bool]
+    literal: bool  # a plain path with no wildcard
+
+
+def _expand_braces(s: str) -> list[str]:
+    start = s.find("{")
+    if start < 0:
+        if "}" in s:
+            raise PatternError(f"unbalanced '}}' in pattern {s!r}: braces take alternatives, e.g. '*.{{q_proj,v_proj}}'.")
+        return [s]
+    depth = 0
+    for i in range(start, len(s)):
+        if s[i] == "{":
+            depth += 1
+        elif s[i] == "}":
+            depth -= 1
+            if depth == 0:
+                break
+    else:
+        raise PatternError(f"unbalanced '{{' in pattern {s!r}: close it, e.g. '*.{{q_proj,v_proj}}'.")
+    body, parts, level, last = s[start + 1 : i], [], 0, 0
+    for j, ch in enumerate(body):
+        if ch == "{":
+            level += 1
+        elif ch == "}":
+            level -= 1
+        elif ch == "," and level == 0:
+            parts.append(body[last:j])
+            last = j + 1
+    parts.append(body[last:])
+    head, tail = s[:start], s[i + 1 :]
+    return [x for p in parts for x in _expand_braces(head + p + tail)]
+
+
+def _glob_to_regex(glob: str) -> str:
+    out, i = [], 0
+    while i < len(glob):
+        ch = glob[i]
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[":
+            end = glob.find("]", i + 2 if glob[i + 1 : i + 2] in ("!", "]") else i + 1)
+            if end < 0:
+                raise PatternError(
+                    f"unbalanced '[' in pattern {glob!r}: a class needs its ']', e.g. 'model.layers.[0-3].*'."
+                )
+            body = glob[i + 1 : end]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end
+        elif ch == "]":
+            raise PatternError(f"unbalanced ']' in pattern {glob!r}: write '[0-3]' for a class of characters.")
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return "".join(out)
+
+
+def compile_one(entry) -> Pattern:
+    if callable(entry) and not isinstance(entry, str):
+        name = getattr(entry, "__name__", repr(entry))
+        return Pattern(f"<callable {name}>", lambda p, m, f=entry: bool(f(p, m)), literal=False)
+    if not isinstance(entry, str):
+        raise WhereTypeError(
+            f"`where` entries must be glob strings, 're:' regexes or callables (path, module) -> bool; "
+            f"got {type(entry).__name__} {entry!r}. Example: where='*.k_proj'."
+        )
+    if not entry.strip():
+        raise PatternError("empty `where` pattern: name the modules to adapt, e.g. '*.k_proj'.")
+    if entry.startswith("re:"):
+        try:
+            rx = re.compile(entry[3:])
+        except re.error as e:
+            raise PatternError(
+                f"bad regex in `where` {entry!r}: {e}. The part after 're:' is a Python regex matched "
+                r"against the whole path, e.g. 're:.*\.layers\.[0-3]\..*_proj'."
+            ) from None
+        return Pattern(entry, lambda p, m: rx.fullmatch(p) is not None, literal=False)
+    alternatives = _expand_braces(entry)
+    rx = re.compile("|".join(f"(?:{_glob_to_regex(a)})" for a in alternatives))
+    return Pattern(entry, lambda p, m: rx.fullmatch(p) is not None, literal=not (_GLOB_CHARS & set(entry)))
+
+
+def compile_where(where: Where) -> list[Pattern]:
+    if isinstance(where, (str,)) or callable(where):
+        return [compile_one(where)]
+    if isinstance(where, (list, tuple, set, frozenset)):
+        if not where:
+            raise WhereTypeError("`where` is an empty list: give at least one pattern, e.g. ['*.q_proj', '*.v_proj'].")
+        return [compile_one(w) for w in where]
+    raise WhereTypeError(
+        f"`where` must be a glob string, a 're:' regex, a callable (path, module) -> bool or a list of these; "
+        f"got {type(where).__name__}. Example: where='*.{{q_proj,v_proj}}'."
+    )
+
+
+@dataclass
+class Matches:
+    """Result of matching: the adaptable paths each pattern hits, and what it skipped."""
+
+    hits: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for ps in self.hits.values():
+            seen.update(dict.fromkeys(ps))
+        return list(seen)
+
+
+def match(
+    candidates: dict[str, nn.Module],
+    is_adaptable: Callable[[nn.Module], bool],
+    where: Where,
+    *,
+    strict: bool = True,
+) -> Matches:
+    """Match `where` against ``candidates`` (path -> module, in model order).
+
+    With ``strict``, a pattern that hits no adaptable module raises.
+    """
+    patterns = compile_where(where)
+    result = Matches()
+    for pat in patterns:
+        hit, skip = [], []
+        for path, mod in candidates.items():
+            if not pat.test(path, mod):
+                continue
+            if is_adaptable(mod):
+                hit.append(path)
+            elif not any(True for _ in mod.children()):
+                skip.append(path)
+        result.hits[pat.label] = hit
+        result.skipped[pat.label] = skip
+        if strict and not hit:
+            _raise_no_match(pat, skip, candidates, is_adaptable)
+        if strict and pat.literal and skip:
+            _raise_unsupported(pat, skip, candidates, is_adaptable)
+    return result
+
+
+def _raise_unsupported(pat: Pattern, skip: list[str], candidates, is_adaptable) -> None:
+    kinds = ", ".join(f"{p} ({type(candidates[p]).__name__})" for p in skip[:5])
+    adaptable = [p for p, m in candidates.items() if is_adaptable(m)]
+    raise UnsupportedModuleError(
+        f"`where` pattern {pat.label!r} matches only modules no variant can adapt: {kinds}"
+        f"{' ...' if len(skip) > 5 else ''}. Variants adapt linear layers (nn.Linear, GPT-2 Conv1D). "
+        f"Adaptable paths look like: {', '.join(adaptable[:3]) or '(none in this model)'}."
+    )
+
+
+def _raise_no_match(pat: Pattern, skip: list[str], candidates, is_adaptable) -> None:
+    if skip:
+        _raise_unsupported(pat, skip, candidates, is_adaptable)
+    paths = list(candidates)
+    probe = re.sub(r"[*?\[\]{}]", "", pat.label.removeprefix("re:"))
+    close = difflib.get_close_matches(probe, paths, n=3, cutoff=0.0) if probe else paths[:3]
+    leaves = sorted({p.rsplit(".", 1)[-1] for p, m in candidates.items() if is_adaptable(m)})
+    tail = probe.rsplit(".", 1)[-1]
+    close_leaves = difflib.get_close_matches(tail, leaves, n=3, cutoff=0.5) if tail else []
+    hint = f" Did you mean {', '.join(repr('*.' + n) for n in close_leaves)}?" if close_leaves else ""
+    raise NoMatchError(
+        f"`where` pattern {pat.label!r} matches no module of this model.{hint} "
+        f"Closest real paths: {', '.join(close) or '(the model has no submodules)'}. "
+        "Globs match whole dotted paths and '*' spans dots, so write '*.k_proj', not 'k_proj'; "
+        "surgery.plan(model, where) shows what a pattern hits without changing anything."
+    )

@@ -1,0 +1,32 @@
+"""The one table of variant cases that drives every contract test (tests/test_contract.py).
+
+Adding a variant: add one row here. Tolerances are relative (max |diff| / max |reference|):
+``identity`` at init in float32, ``fold`` merged vs unmerged in float32 after the adapter tensors
+are randomised, ``bf16_fold`` the same on a bfloat16 base (measured, then bounded with margin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapters import LoRA
+from adapters.base import Variant
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    variant: Variant
+    identity: float = 1e-6
+    fold: float = 1e-5
+    bf16_fold: float = 3e-2
+    calibration: bool = False  # pass calibration batches to rewrite (EVA)
+
+    def __str__(self) -> str:
+        return self.id
+
+
+CASES = [
+    Case("lora", LoRA(r=4, alpha=8)),
+    Case("lora-rslora-dropout", LoRA(r=4, alpha=8, dropout=0.1, rslora=True)),
+]
