@@ -9,11 +9,12 @@ A variant is a frozen dataclass of hyper-parameters plus three pieces of behavio
 2. ``forward(x, y, weight, bias, t)``: the adapted output of the site, written as plain torch
    code. ``x`` is the site input, ``y`` the base output ``x W^T + b``, ``weight`` is W in
    nn.Linear layout (d_out, d_in) whatever the storage layout, ``bias`` is b or None, and ``t``
-   gives the variant's tensors and modules by name (``t.lora_A``). The engine traces this
+   gives the variant's tensors and modules by name (``t.lora_A``) and static facts about the site
+   as ``t.site`` (path, d_in, d_out, layout: fixed at trace time, so plain ``if`` works). The engine traces this
    function with torch.fx and splices the resulting ops into the site's graph, so the same
    definition serves a single leaf and a whole-model graph. When the adapter dtype differs from
    the base dtype, the engine casts x, y, weight and bias in and the result back out.
-3. ``fold(weight, bias, t)``: return the merged ``(W', b')`` in nn.Linear layout. Every
+3. ``fold(weight, bias, t)``: return the merged ``(W', b')`` in nn.Linear layout (``t`` as in forward). Every
    variant here is linear in x, so each folds exactly.
 
 Optional: ``modules()`` (nn.Modules the forward calls, e.g. dropout), ``check(site)``

@@ -10,6 +10,7 @@ one variant definition serve both a single leaf and a whole traced model.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -52,11 +53,21 @@ def linear_weight(w: torch.Tensor, lay: str) -> torch.Tensor:
     return w if lay == "linear" else w.t()
 
 
+@dataclass(frozen=True)
+class SiteInfo:
+    """Static facts about a site, visible to a variant's forward and fold as ``t.site``."""
+
+    path: str
+    d_in: int
+    d_out: int
+    layout: str  # 'linear' or 'conv1d' (storage layout of the base weight)
+
+
 class _Splice(nn.Module):
     """Holds a variant's tensors while its forward is traced into a standalone fx graph."""
 
     def __init__(self, variant: Variant, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
-                 adapter_dtype: torch.dtype, base_dtype: torch.dtype):
+                 adapter_dtype: torch.dtype, base_dtype: torch.dtype, site: SiteInfo):
         super().__init__()
         for name, t in tensors.items():
             if isinstance(t, nn.Parameter):
@@ -66,6 +77,7 @@ class _Splice(nn.Module):
         for name, m in modules.items():
             self.add_module(name, m)
         self.__dict__["_variant"] = variant
+        self.__dict__["site"] = site  # static facts a forward may branch on at trace time
         self.__dict__["_cast"] = (adapter_dtype, base_dtype) if adapter_dtype != base_dtype else None
 
     def forward(self, x, y, weight, bias):
@@ -78,8 +90,9 @@ class _Splice(nn.Module):
         return out.to(b)
 
 
-def trace_variant(variant: Variant, tensors, modules, adapter_dtype, base_dtype, has_bias: bool) -> fx.Graph:
-    holder = _Splice(variant, tensors, modules, adapter_dtype, base_dtype)
+def trace_variant(variant: Variant, tensors, modules, adapter_dtype, base_dtype, has_bias: bool,
+                  site: SiteInfo) -> fx.Graph:
+    holder = _Splice(variant, tensors, modules, adapter_dtype, base_dtype, site)
     concrete = None if has_bias else {"bias": None}
     return fx.Tracer().trace(holder, concrete_args=concrete)
 
@@ -129,6 +142,10 @@ class Site(fx.GraphModule):
         return res
 
     @property
+    def info(self) -> SiteInfo:
+        return SiteInfo(path=self.path, d_in=self.d_in, d_out=self.d_out, layout=self.layout)
+
+    @property
     def base(self) -> nn.Module:
         """The original leaf module (not registered, so state_dict keys stay as they were)."""
         return self._base
@@ -162,7 +179,7 @@ class Site(fx.GraphModule):
         dt = torch.promote_types(w.dtype, torch.float32)
         W = linear_weight(w.detach(), self.layout).to(dt)
         b = None if self.bias is None else self.bias.detach().to(dt)
-        t = SimpleNamespace(**{n: v.detach().to(dt) for n, v in self.adapter_tensors().items()})
+        t = SimpleNamespace(site=self.info, **{n: v.detach().to(dt) for n, v in self.adapter_tensors().items()})
         with torch.no_grad():
             return self.variant.fold(W, b, t)
 
@@ -195,7 +212,8 @@ def build_site(path: str, leaf: nn.Module, variant: Variant, ctx: SiteInit,
     live = {n: getattr(root, n) for n in tensors}
 
     base_dtype = leaf.weight.dtype
-    vgraph = trace_variant(variant, live, modules, ctx.dtype, base_dtype, has_bias=leaf.bias is not None)
+    info = SiteInfo(path=path, d_in=ctx.d_in, d_out=ctx.d_out, layout=lay)
+    vgraph = trace_variant(variant, live, modules, ctx.dtype, base_dtype, has_bias=leaf.bias is not None, site=info)
     splice(base_graph, vgraph, x=x, y=y, weight=w, bias=b if leaf.bias is not None else None, prefix="",
            meta={"site": path, "variant": variant.short()})
     site = Site(root, base_graph, class_name=type(leaf).__name__)
