@@ -135,6 +135,9 @@ class Site(fx.GraphModule):
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
+        for name, value in self._parameters.items():  # GraphModule's copy drops a None bias
+            if value is None:
+                res.register_parameter(name, None)
         for k in ("variant", "path", "layout", "d_in", "d_out", "base_class"):
             res.__dict__[k] = self.__dict__[k]
         for k in ("_base", "_orig_weight", "_orig_requires_grad"):

@@ -1,0 +1,231 @@
+"""The engine with LoRA: sites, where, plan, HF integration (generate, checkpointing, tied weights)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+from adapters import LoRA
+from models import GPT2, LLAMA, MINILM, rel_err
+from surgery.errors import NoMatchError, UnsupportedModuleError
+
+
+def test_site_shares_the_leaf_parameters_and_keeps_keys():
+    model = LLAMA.model()
+    leaf = model.model.layers[0].self_attn.k_proj
+    keys = list(model.state_dict())
+    surgery.rewrite(model, LoRA(r=4), "*.k_proj")
+    site = model.model.layers[0].self_attn.k_proj
+    assert isinstance(site, surgery.Site) and isinstance(site, torch.fx.GraphModule)
+    assert site.weight is leaf.weight, "the site must hold the leaf's own Parameter, not a copy"
+    assert site.base is leaf
+    new = list(model.state_dict())
+    assert [k for k in new if k in keys] == keys
+    assert sorted(set(new) - set(keys)) == sorted(
+        f"model.layers.{i}.self_attn.k_proj.lora_{t}" for i in range(2) for t in "AB"
+    )
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert "lora_A" in site.code and "def forward" in site.code
+    assert "Site(LoRA(r=4)" in repr(model)
+
+
+def test_conv1d_site_sees_linear_layout():
+    model = GPT2.model()
+    surgery.rewrite(model, LoRA(r=2), "*.attn.c_attn")
+    site = surgery.sites(model)["transformer.h.0.attn.c_attn"]
+    assert site.layout == "conv1d" and (site.d_in, site.d_out) == (32, 96)
+    assert site.lora_A.shape == (2, 32) and site.lora_B.shape == (96, 2)
+
+
+@pytest.mark.parametrize(
+    "where, n",
+    [
+        ("*.k_proj", 2),
+        ("model.layers.0.*", 7),  # containers and the two norms inside layer 0 are skipped
+        ("model.layers.[0-1].self_attn.?_proj", 8),
+        ("*.{k_proj,v_proj}", 4),
+        ("*.{self_attn.{q,k}_proj,mlp.down_proj}", 6),
+        (["*.q_proj", "*.v_proj"], 4),
+        (r"re:.*\.layers\.1\..*_proj", 7),
+        (lambda path, mod: path.endswith("up_proj"), 2),
+        ("lm_head", 1),
+    ],
+)
+def test_where_forms(where, n):
+    model = LLAMA.model()
+    before = copy.deepcopy(model.state_dict())
+    p = surgery.plan(model, where)
+    assert p.count() == n, str(p)
+    assert not surgery.sites(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    surgery.rewrite(model, LoRA(r=2), where)
+    assert sorted(surgery.sites(model)) == sorted(p.paths)
+
+
+def test_plan_counts_per_layer_and_assert_count():
+    p = surgery.plan(LLAMA.model(), "*.{q_proj,v_proj}")
+    assert p.per_layer() == {"model.layers.0": 2, "model.layers.1": 2}
+    assert p.assert_count(4) is p
+    with pytest.raises(AssertionError, match="selects 4 modules, expected 3"):
+        p.assert_count(3)
+    text = str(p)
+    assert "*.{q_proj,v_proj}: 4 modules" in text and "model.layers.1.self_attn.v_proj" in text
+
+
+def test_no_match_names_closest_paths():
+    model = LLAMA.model()
+    with pytest.raises(NoMatchError) as e:
+        surgery.rewrite(model, LoRA(r=2), "*.kproj")
+    msg = str(e.value)
+    assert "'*.k_proj'" in msg and "model.layers.0.self_attn.k_proj" in msg and "surgery.plan" in msg
+    assert not surgery.sites(model)
+
+
+def test_non_adaptable_match_is_an_error_naming_it():
+    model = LLAMA.model()
+    with pytest.raises(UnsupportedModuleError, match=r"model.layers.0.input_layernorm \(LlamaRMSNorm\)"):
+        surgery.rewrite(model, LoRA(r=2), "*.input_layernorm")
+    with pytest.raises(UnsupportedModuleError, match="Embedding"):
+        surgery.rewrite(model, LoRA(r=2), "model.embed_tokens")
+    assert not surgery.sites(model)
+
+
+def test_generate_works_on_a_rewritten_model():
+    model = LLAMA.model()
+    ids = LLAMA.inputs(batch=1, seq=4)["input_ids"]
+    want = model.generate(ids, max_new_tokens=5, do_sample=False)
+    surgery.rewrite(model, LoRA(r=2), "*.{q_proj,v_proj}")
+    got = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, want), "identity at init: greedy tokens must not change"
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.normal_(0, 1.0)
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == want.shape
+
+
+def test_gradient_checkpointing_trains_the_adapter():
+    model = LLAMA.model()
+    model.config.use_cache = False
+    surgery.rewrite(model, LoRA(r=2), "*.{q_proj,v_proj}")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    x = LLAMA.inputs()
+    out = model(**x, labels=x["input_ids"])
+    out.loss.backward()
+    grads = [s.lora_B.grad for s in surgery.sites(model).values()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    ref = LLAMA.model()
+    surgery.rewrite(ref, LoRA(r=2), "*.{q_proj,v_proj}")
+    for (p, a), b in zip(surgery.sites(model).items(), surgery.sites(ref).values()):
+        b.lora_A.data.copy_(a.lora_A)
+    ref.train()
+    ref(**x, labels=x["input_ids"]).loss.backward()
+    for a, b in zip(surgery.sites(model).values(), surgery.sites(ref).values()):
+        assert rel_err(a.lora_B.grad, b.lora_B.grad) < 1e-5, "checkpointing changed the gradient"
+
+
+def test_dropout_follows_train_and_eval():
+    model = LLAMA.model()
+    surgery.rewrite(model, LoRA(r=2, dropout=0.5), "*.q_proj")
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.normal_()
+    x = LLAMA.inputs()
+    assert torch.equal(LLAMA.out(model, x), LLAMA.out(model, x)), "eval mode must be deterministic"
+    model.train()
+    torch.manual_seed(0)
+    a = LLAMA.out(model, x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, LLAMA.out(model, x)), "dropout should act in train mode"
+
+
+def test_deepcopy_of_a_rewritten_model_is_independent():
+    model = LLAMA.model()
+    surgery.rewrite(model, LoRA(r=2), "*.q_proj")
+    twin = copy.deepcopy(model)
+    s, t = surgery.sites(model), surgery.sites(twin)
+    assert list(s) == list(t)
+    for a, b in zip(s.values(), t.values()):
+        assert a.weight is not b.weight and b.base.weight is b.weight
+    x = LLAMA.inputs()
+    with torch.no_grad():
+        next(iter(t.values())).lora_B.fill_(1.0)
+    assert rel_err(LLAMA.out(twin, x), LLAMA.out(model, x)) > 1e-4
+    surgery.merge(twin)
+    assert surgery.sites(model) and not surgery.sites(twin)
+
+
+def test_merge_unties_a_tied_lm_head_with_a_warning():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model.eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    emb = model.model.embed_tokens.weight.detach().clone()
+    surgery.rewrite(model, LoRA(r=2), "lm_head")
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_()
+    x = LLAMA.inputs()
+    want = LLAMA.out(model, x)
+    with pytest.warns(UserWarning, match="tied to model.embed_tokens.weight"):
+        surgery.merge(model)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, emb), "merging must not change the embedding"
+    assert model.config.tie_word_embeddings is False
+    assert rel_err(LLAMA.out(model, x), want) <= 1e-5
+
+
+def test_restore_of_tied_head_keeps_the_tie():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    surgery.rewrite(model, LoRA(r=2), "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        surgery.restore(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_real_minilm_identity_and_merge():
+    base = MINILM.model()
+    model = copy.deepcopy(base)
+    x = MINILM.inputs(batch=2, seq=12)
+    ref = MINILM.out(base, x)
+    surgery.rewrite(model, LoRA(r=8, alpha=16), MINILM.where)
+    assert len(surgery.sites(model)) == 12  # 6 layers x (query, value)
+    assert rel_err(MINILM.out(model, x), ref) <= 1e-6
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.normal_(0, 0.02)
+    adapted = MINILM.out(model, x)
+    assert rel_err(adapted, ref) > 1e-4
+    surgery.merge(model)
+    assert rel_err(MINILM.out(model, x), adapted) <= 1e-5
+    assert sorted(model.state_dict()) == sorted(base.state_dict())
+
+
+def test_summary_reports_totals():
+    model = LLAMA.model()
+    surgery.rewrite(model, LoRA(r=4), "*.{q_proj,v_proj}")
+    text = surgery.summary(model)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(s.trainable_count() for s in surgery.sites(model).values())
+    assert f"trainable {trainable:,} of {total:,}" in text
+    assert text.count("LoRA(r=4)") == 4 and "float32" in text
+
+
+def test_plain_torch_module():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False))
+    x = torch.randn(5, 8)
+    ref = net(x)
+    surgery.rewrite(net, LoRA(r=2), "*")
+    assert sorted(surgery.sites(net)) == ["0", "2"]
+    assert rel_err(net(x), ref) == 0.0
