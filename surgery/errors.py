@@ -68,3 +68,11 @@ class UnknownVariantError(SurgeryError, ValueError):
 
 class NotRewrittenError(SurgeryError, ValueError):
     """The model has no sites, so there is nothing to merge, restore, save or export."""
+
+
+class VariantSpecError(SurgeryError, ValueError):
+    """A variant written as text (the CLI's ``--variant "LoRA(r=8)"``) cannot be parsed."""
+
+
+class RenderError(SurgeryError, RuntimeError):
+    """Drawing a diff needs a tool that is missing (Graphviz's ``dot``, pydot)."""

@@ -1,0 +1,160 @@
+"""The ``surgery`` command.
+
+    surgery inspect ADAPTER.safetensors
+    surgery diff MODEL_DIR --variant "LoRA(r=8)" --where "*.k_proj" -o diff.html
+
+Adding a subcommand is one function decorated with ``@command(...)``: the decorator takes the
+argparse arguments (``arg(...)`` has ``add_argument``'s signature), the function's name is the
+subcommand's name (``_`` becomes ``-``), its docstring's first line is the help. The function
+receives the parsed arguments and returns an exit code (None means 0). Errors from
+``surgery.errors`` are printed as one line and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from typing import Any, Callable
+
+from .errors import SurgeryError, VariantSpecError
+
+_COMMANDS: list[tuple[Callable[[argparse.Namespace], int | None], list[tuple[tuple, dict]]]] = []
+
+
+def arg(*names: str, **kwargs: Any) -> tuple[tuple, dict]:
+    """One argparse argument of a subcommand, spelled like ``parser.add_argument``."""
+    return names, kwargs
+
+
+def command(*arguments: tuple[tuple, dict]):
+    """Register the decorated function as a subcommand taking ``arguments``."""
+
+    def register(fn: Callable[[argparse.Namespace], int | None]):
+        _COMMANDS.append((fn, list(arguments)))
+        return fn
+
+    return register
+
+
+# ----- helpers shared by subcommands -----
+
+
+def parse_variant(spec: str):
+    """``"DoRA(r=8, alpha=16)"`` -> ``adapters.DoRA(r=8, alpha=16)``, without evaluating any code.
+
+    The spec is parsed with ``ast``; the name must be a registered variant and every value a Python
+    literal (``ast.literal_eval``), so nothing in the string can run.
+    """
+    from adapters import REGISTRY
+
+    example = 'e.g. --variant "LoRA(r=8, alpha=16)"'
+    try:
+        tree = ast.parse(spec.strip(), mode="eval")
+    except SyntaxError:
+        raise VariantSpecError(f"cannot parse the variant spec {spec!r}: write Name(key=value, ...), {example}.") from None
+    node = tree.body
+    if isinstance(node, ast.Name):  # a bare name means all defaults
+        node = ast.Call(func=node, args=[], keywords=[])
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise VariantSpecError(f"the variant spec {spec!r} is not of the form Name(key=value, ...); {example}.")
+    name = node.func.id
+    if name not in REGISTRY:
+        raise VariantSpecError(f"unknown variant {name!r} in {spec!r}: known variants are {', '.join(sorted(REGISTRY))}.")
+    if node.args:
+        raise VariantSpecError(f"the variant spec {spec!r} has positional values; name each one, {example}.")
+    kwargs = {}
+    for kw in node.keywords:
+        if kw.arg is None:
+            raise VariantSpecError(f"the variant spec {spec!r} uses **; write each key=value out, {example}.")
+        try:
+            kwargs[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise VariantSpecError(
+                f"the value of {kw.arg} in {spec!r} is not a literal ({ast.unparse(kw.value)}); only numbers, "
+                f"strings, booleans, None, tuples and lists are allowed, {example}."
+            ) from None
+    try:
+        return REGISTRY[name](**kwargs)
+    except TypeError as e:  # an unknown keyword
+        raise VariantSpecError(f"{spec!r}: {e}. Check the field names of adapters.{name}.") from None
+
+
+def _variant_text(info: dict[str, Any]) -> str:
+    """A site's variant as ``LoRA(r=4)``; a variant this version does not know is shown in full."""
+    from adapters.base import variant_from_config
+
+    config = info.get("config", {})
+    try:
+        return variant_from_config(info["variant"], config).short()
+    except SurgeryError:
+        return f"{info['variant']}({', '.join(f'{k}={v!r}' for k, v in config.items())})"
+
+
+def _human(n: int) -> str:
+    return f"{n:,}"
+
+
+# ----- subcommands -----
+
+
+@command(arg("adapter", help="an adapter file written by surgery.save (.safetensors)"))
+def inspect(args: argparse.Namespace) -> int | None:
+    """Show the sites, variant configs and parameter counts stored in an adapter file."""
+    from .io import read_header, read_metadata
+
+    meta = read_metadata(args.adapter)  # header only: tensor data is never read, nothing is unpickled
+    header = read_header(args.adapter)
+    counts: dict[str, int] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        n = 1
+        for d in info["shape"]:
+            n *= d
+        path = next((p for p in meta["sites"] if key.startswith(p + ".")), "")
+        counts[path] = counts.get(path, 0) + n
+    rows = []
+    for path, info in meta["sites"].items():
+        base = info.get("base", {})
+        rows.append((path, _variant_text(info), f"{base.get('d_in', '?')}x{base.get('d_out', '?')}",
+                     base.get("class", "?"), _human(counts.get(path, 0))))
+    head = ("site", "variant", "in x out", "base", "params")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    print(f"{args.adapter}: model-surgery adapter, format version {meta['version']}, "
+          f"base fingerprint {meta['fingerprint'] or '-'}")
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    print(f"{len(rows)} sites, {_human(sum(counts.values()))} adapter parameters")
+    return 0
+
+
+# ----- entry point -----
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="surgery", description="Inspect, diff and fold model-surgery adapters.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for fn, arguments in _COMMANDS:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        p = sub.add_parser(fn.__name__.replace("_", "-"), help=doc[0] if doc else None,
+                           description=(fn.__doc__ or "").strip() or None)
+        for names, kwargs in arguments:
+            p.add_argument(*names, **kwargs)
+        p.set_defaults(_run=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except SurgeryError as e:
+        print(f"surgery {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
