@@ -10,9 +10,10 @@
 """
 
 from . import errors
+from .diff import Diff, diff
 from .inspect import Plan, plan, sites, summary
 from .io import load, save
 from .rewrite import merge, restore, rewrite
 from .site import Site
 
-__all__ = ["rewrite", "plan", "sites", "summary", "merge", "restore", "save", "load", "Site", "Plan", "errors"]
+__all__ = ["rewrite", "plan", "sites", "summary", "merge", "restore", "save", "load", "diff", "Diff", "Site", "Plan", "errors"]

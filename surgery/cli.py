@@ -17,7 +17,7 @@ import ast
 import sys
 from typing import Any, Callable
 
-from .errors import SurgeryError, VariantSpecError
+from .errors import ModelDirError, OutputFormatError, SurgeryError, VariantSpecError
 
 _COMMANDS: list[tuple[Callable[[argparse.Namespace], int | None], list[tuple[tuple, dict]]]] = []
 
@@ -80,6 +80,28 @@ def parse_variant(spec: str):
         raise VariantSpecError(f"{spec!r}: {e}. Check the field names of adapters.{name}.") from None
 
 
+def load_model(directory: str):
+    """The model saved in ``directory``, as the class its config names, from local files only."""
+    from pathlib import Path
+
+    import transformers
+
+    if not (Path(directory) / "config.json").is_file():
+        raise ModelDirError(
+            f"{directory!r} is not a saved Hugging Face model directory (no config.json in it); "
+            "pass the folder that model.save_pretrained(...) wrote."
+        )
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    # the class is looked up by name among transformers' model classes, never imported from elsewhere
+    cls = getattr(transformers, names[0], None) if names else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+    model = cls.from_pretrained(directory, local_files_only=True)
+    model.eval()
+    return model
+
+
 def _variant_text(info: dict[str, Any]) -> str:
     """A site's variant as ``LoRA(r=4)``; a variant this version does not know is shown in full."""
     from adapters.base import variant_from_config
@@ -126,6 +148,47 @@ def inspect(args: argparse.Namespace) -> int | None:
     for r in [head, tuple("-" * w for w in widths), *rows]:
         print("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
     print(f"{len(rows)} sites, {_human(sum(counts.values()))} adapter parameters")
+    return 0
+
+
+@command(
+    arg("model_dir", help="a saved Hugging Face model directory (save_pretrained); read from local files only"),
+    arg("--variant", required=True, help='the variant to apply, e.g. "DoRA(r=8)" (parsed, never evaluated)'),
+    arg("--where", required=True, help='which modules, e.g. "*.k_proj" or "*.{q_proj,v_proj}"'),
+    arg("-o", "--output", nargs="+", default=[], metavar="FILE",
+        help="write the diff to FILE: .txt, .svg or .html by extension (several allowed); default: print the text"),
+)
+def diff(args: argparse.Namespace) -> int | None:
+    """Rewrite a saved model in memory and show what the surgery changes (text, SVG or HTML)."""
+    import copy
+    from pathlib import Path
+
+    from . import diff as compute, rewrite
+
+    variant = parse_variant(args.variant)
+    kinds = {".txt": "text", ".svg": "svg", ".html": "html", ".htm": "html"}
+    for out in args.output:
+        if Path(out).suffix.lower() not in kinds:
+            raise OutputFormatError(
+                f"cannot tell the format of {out!r} from its extension; use one of {', '.join(kinds)} "
+                "(e.g. -o diff.html)."
+            )
+    model = load_model(args.model_dir)
+    before = copy.deepcopy(model)
+    rewrite(model, variant, args.where)
+    result = compute(before, model)
+    if not args.output:
+        print(result)
+    for out in args.output:
+        kind = kinds[Path(out).suffix.lower()]
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        if kind == "text":
+            Path(out).write_text(str(result) + "\n", encoding="utf-8")
+        elif kind == "svg":
+            result.to_svg(out)
+        else:
+            result.to_html(out)
+        print(f"wrote {out}")
     return 0
 
 

@@ -76,3 +76,15 @@ class VariantSpecError(SurgeryError, ValueError):
 
 class RenderError(SurgeryError, RuntimeError):
     """Drawing a diff needs a tool that is missing (Graphviz's ``dot``, pydot)."""
+
+
+class DiffInputError(SurgeryError, TypeError):
+    """surgery.diff got something other than two models or two GraphModules."""
+
+
+class ModelDirError(SurgeryError, OSError):
+    """A path given as a saved model directory holds no model (no config.json)."""
+
+
+class OutputFormatError(SurgeryError, ValueError):
+    """An output file's extension names no format the command can write."""
