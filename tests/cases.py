@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapters import LoRA
+from adapters import HRA, ROAD
 from adapters.base import Variant
 
 
@@ -29,4 +30,6 @@ class Case:
 CASES = [
     Case("lora", LoRA(r=4, alpha=8)),
     Case("lora-rslora-dropout", LoRA(r=4, alpha=8, dropout=0.1, rslora=True)),
+    Case("hra", HRA(r=4)),
+    Case("road", ROAD(variant="road_4", group_size=8)),  # the tiny families have d_out 16, 32, 96
 ]
