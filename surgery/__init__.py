@@ -13,7 +13,8 @@ from . import errors
 from .diff import Diff, diff
 from .inspect import Plan, plan, sites, summary
 from .io import load, save
+from .peft_format import export_peft, import_peft
 from .rewrite import merge, restore, rewrite
 from .site import Site
 
-__all__ = ["rewrite", "plan", "sites", "summary", "merge", "restore", "save", "load", "diff", "Diff", "Site", "Plan", "errors"]
+__all__ = ["rewrite", "plan", "sites", "summary", "merge", "restore", "save", "load", "export_peft", "import_peft", "diff", "Diff", "Site", "Plan", "errors"]

@@ -88,3 +88,7 @@ class ModelDirError(SurgeryError, OSError):
 
 class OutputFormatError(SurgeryError, ValueError):
     """An output file's extension names no format the command can write."""
+
+
+class PeftFormatError(SurgeryError, ValueError):
+    """An adapter that PEFT's format cannot express, or a PEFT adapter using a feature import_peft lacks."""

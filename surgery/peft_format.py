@@ -1,0 +1,526 @@
+"""PEFT's on-disk adapter format (``adapter_config.json`` + ``adapter_model.safetensors``), both ways.
+
+``export_peft(model, directory)`` writes what ``peft.PeftModel.from_pretrained(original_base,
+directory)`` loads into the same outputs; ``import_peft(model, directory)`` rewrites a base so it
+reproduces a PEFT adapter written by ``save_pretrained``. Both target PEFT 0.21.
+
+Per-variant knowledge lives in two tables in this file, keyed by class name and looked up along
+the MRO (so EVA, a LoRA subclass, exports as the LoRA it is): ``_EXPORT`` (our site -> PEFT keys
+and config) and ``_IMPORT`` (PEFT config + tensors -> our variant). PEFT's format is an external
+contract, so its field names, key spellings and defaults stay together here instead of spread over
+the variant files; a variant with no PEFT peer needs no entry at all: it is exported as an exact
+LoRA of its weight delta (an SVD) when that is smaller than the dense delta.
+
+Rules that PEFT's format imposes:
+- One model -> one PEFT adapter, so every site must map to the same ``peft_type`` and agree on the
+  config fields PEFT keeps global (dropout, rslora, use_dora, RoAd's variant, ...). Per-site rank
+  and alpha go to ``rank_pattern`` / ``alpha_pattern`` (LoRA, DeLoRA). Anything else is an error.
+- A variant that changed the base weight at init (PiSSA) is exported as a plain LoRA on the
+  ORIGINAL base: the base change is a rank-r matrix ``W_orig - W_res = s B0 A0``, recovered here by
+  an SVD of that difference, and appended as ``A' = [A; A0]``, ``B' = [B, -B0]`` with alpha scaled so
+  that s is unchanged (PEFT's own ``path_initial_model_for_weight_conversion`` does the same).
+- Import never unpickles: the config is JSON and the tensors safetensors (``adapter_model.bin`` is
+  refused). A config field we would have to ignore, with a value other than PEFT's default, is an
+  error naming the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import AdapterFileError, AlreadyRewrittenError, BaseMismatchError, PeftFormatError
+from .io import atomic_write, read_header
+from .rewrite import _all_sites, _restore_flags, _undo, apply_plan, candidates
+from .site import Site, adaptable, dims, linear_weight
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PEFT_VERSION = "0.21.2"  # the PEFT release whose format and defaults are written here
+
+# PEFT 0.21's config defaults per peft_type, for the fields that change what an adapter computes
+# or where it goes. Export writes them (updated with ours); import accepts a field only when we
+# map it or it still has this value.
+_COMMON = {"task_type": None, "auto_mapping": None, "base_model_name_or_path": None, "revision": None,
+           "inference_mode": True, "peft_version": PEFT_VERSION, "target_modules": None, "modules_to_save": None}
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LORA": {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none",
+             "use_rslora": False, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+             "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None, "megatron_core": "megatron.core",
+             "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
+             "lora_ga_config": None, "use_dora": False, "velora_config": None, "alora_invocation_tokens": None,
+             "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
+             "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
+             "kasa_config": None, "ensure_weight_tying": False, "exclude_modules": None},
+    "IA3": {"exclude_modules": None, "feedforward_modules": None, "fan_in_fan_out": False, "init_ia3_weights": True},
+    "HRA": {"exclude_modules": None, "r": 8, "apply_GS": False, "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
+            "bias": "none"},
+    "DELORA": {"exclude_modules": None, "r": 8, "delora_lambda": 15, "module_dropout": 0.0, "bias": "none", "init_weights": True,
+               "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "lambda_pattern": {}},
+    "ROAD": {"variant": "road_1", "group_size": 64, "init_weights": True},
+}
+# Fields import may see with any value: bookkeeping, or choices that the saved tensors override
+# (inits) or that the saved keys already settle (which modules, their storage layout).
+_IGNORED = {"task_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+            "target_modules", "exclude_modules", "fan_in_fan_out", "init_ia3_weights", "init_weights",
+            "layers_pattern", "delora_lambda", "lambda_pattern", "peft_type", "runtime_config"}
+_IGNORED_INIT_LORA = (True, False, "gaussian", "eva")  # inits that leave the base alone; A, B come from the file
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    """One site as PEFT sees it."""
+
+    peft_type: str
+    tensors: dict[str, torch.Tensor]  # key suffix after the module path -> tensor
+    shared: dict[str, Any] = field(default_factory=dict)  # config fields PEFT keeps global
+    r: int | None = None
+    alpha: float | None = None  # None with r set: choose alpha so that PEFT's scale is 1
+    feedforward: bool = False  # IA3: input-side scaling
+
+
+def _fold64(site: Site, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The site's fold applied to W (nn.Linear layout), in float64 so a delta's rank is not rounding."""
+    t = SimpleNamespace(site=site.info, **{n: v.detach().double() for n, v in site.adapter_tensors().items()})
+    b = None if site.bias is None else site.bias.detach().double()
+    with torch.no_grad():
+        return site.variant.fold(W.double(), b, t)
+
+
+def _orig_weight(site: Site) -> torch.Tensor:
+    """The base weight before the variant touched it, nn.Linear layout."""
+    w = site._orig_weight if site._orig_weight is not None else site.weight.detach()
+    return linear_weight(w, site.layout)
+
+
+def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta (d_out, d_in) ~ B A with A (rank, d_in), B (d_out, rank): the top `rank` of its SVD."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    root = S[:rank].sqrt()  # (rank,)
+    return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
+
+
+def _numerical_rank(delta: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> int:
+    """Singular values of delta above the base dtype's resolution of ref (numpy's matrix_rank rule)."""
+    S = torch.linalg.svdvals(delta.double())
+    tol = torch.finfo(dtype).eps * max(delta.shape) * torch.linalg.matrix_norm(ref.double(), ord=2)
+    return int((S > tol).sum())
+
+
+def _lora_tensors(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {"lora_A.weight": A.to(dtype).contiguous(), "lora_B.weight": B.to(dtype).contiguous()}
+
+
+def _export_lora(site: Site) -> _Part:
+    v, ts = site.variant, site.adapter_tensors()
+    A, B = ts["lora_A"].detach(), ts["lora_B"].detach()  # (r, d_in), (d_out, r)
+    r, alpha = v.r, v.alpha
+    if site._orig_weight is not None:
+        # PEFT re-runs no custom init on load, so the residual base must become part of the adapter:
+        # s B0 A0 = W_orig - W_res, and W_orig + s (B A - B0 A0) = W_res + s B A.
+        W_res = linear_weight(site.weight.detach(), site.layout)
+        A0, B0 = _factor((_orig_weight(site).double() - W_res.double()) / v.scale, A.shape[0])
+        A, B = torch.cat([A.double(), A0]), torch.cat([B.double(), -B0], dim=1)
+        grown = A.shape[0] / r
+        r, alpha = A.shape[0], alpha * (math.sqrt(grown) if v.rslora else grown)
+    shared = {"lora_dropout": v.dropout, "use_rslora": v.rslora, "use_dora": False}
+    return _Part("LORA", _lora_tensors(A, B, ts["lora_A"].dtype), shared, r=r, alpha=alpha)
+
+
+def _export_dora(site: Site) -> _Part:
+    v, ts = site.variant, site.adapter_tensors()
+    tensors = _lora_tensors(ts["lora_A"].detach(), ts["lora_B"].detach(), ts["lora_A"].dtype)
+    tensors["lora_magnitude_vector"] = ts["lora_magnitude_vector"].detach()
+    return _Part("LORA", tensors, {"lora_dropout": v.dropout, "use_rslora": v.rslora, "use_dora": True},
+                 r=v.r, alpha=v.alpha)
+
+
+def _plain(peft_type: str, **shared_of: Callable[[Any], Any]) -> Callable[[Site], _Part]:
+    """A variant whose tensors carry PEFT's names unchanged; ``shared_of`` maps config fields."""
+
+    def export(site: Site) -> _Part:
+        if site.layout != "linear" and peft_type in ("HRA", "DELORA", "ROAD"):
+            raise PeftFormatError(
+                f"{site.variant.short()} at {site.path} sits on a GPT-2 Conv1D, which PEFT's {peft_type} refuses "
+                "(TypeError in PEFT 0.21). Keep it in model-surgery's format (surgery.save), or surgery.merge "
+                "and save_pretrained for a plain checkpoint."
+            )
+        v = site.variant
+        tensors = {n: t.detach() for n, t in site.adapter_tensors().items()}
+        return _Part(peft_type, tensors, {k: f(v) for k, f in shared_of.items()}, r=getattr(v, "r", None))
+
+    return export
+
+
+def _export_ia3(site: Site) -> _Part:
+    l = site.adapter_tensors()["ia3_l"].detach()
+    return _Part("IA3", {"ia3_l": l}, feedforward=tuple(l.shape) == (1, site.d_in) and site.d_out != 1)
+
+
+def _export_delta(site: Site) -> _Part:
+    """A variant with no PEFT peer: its fold minus the original weight, as an exact LoRA."""
+    W0 = _orig_weight(site).double()
+    W1, b1 = _fold64(site, linear_weight(site.weight.detach(), site.layout))
+    if site.bias is not None and not torch.allclose(b1, site.bias.detach().double(), rtol=0, atol=1e-12):
+        raise PeftFormatError(
+            f"{site.variant.short()} at {site.path} changes the bias, which a PEFT LoRA cannot express. "
+            "Keep it in model-surgery's format (surgery.save), or surgery.merge and save_pretrained."
+        )
+    delta = W1 - W0  # (d_out, d_in)
+    k = _numerical_rank(delta, W0, site.weight.dtype)
+    if k * (site.d_in + site.d_out) >= site.d_in * site.d_out:
+        raise PeftFormatError(
+            f"{site.variant.short()} at {site.path} has no PEFT peer, and its weight delta has rank {k} of "
+            f"{min(site.d_in, site.d_out)}: a LoRA of that rank would be no smaller than the dense "
+            f"{site.d_out}x{site.d_in} delta. Keep it in model-surgery's format (surgery.save), or "
+            "surgery.merge and save_pretrained."
+        )
+    A, B = _factor(delta, max(k, 1))  # rank 0 (identity): one zero direction, still a valid LoRA
+    if k == 0:
+        A, B = torch.zeros_like(A), torch.zeros_like(B)
+    dtype = next(iter(site.adapter_tensors().values())).dtype
+    return _Part("LORA", _lora_tensors(A, B, dtype), {"use_dora": False}, r=A.shape[0], alpha=None)
+
+
+_EXPORT: dict[str, Callable[[Site], _Part]] = {
+    "LoRA": _export_lora,  # PiSSA and EVA inherit it along the MRO
+    "DoRA": _export_dora,
+    "IA3": _export_ia3,
+    "HRA": _plain("HRA"),
+    "DeLoRA": _plain("DELORA", module_dropout=lambda v: v.dropout),
+    "ROAD": _plain("ROAD", variant=lambda v: v.variant, group_size=lambda v: v.group_size),
+}
+
+
+def _exporter(site: Site) -> Callable[[Site], _Part]:
+    for cls in type(site.variant).__mro__:
+        if cls.__name__ in _EXPORT:
+            return _EXPORT[cls.__name__]
+    return _export_delta
+
+
+def _selector(paths: list[str], all_paths: list[str]) -> list[str] | str:
+    """PEFT's target list (an entry matches itself or as a '.'-suffix), or an exact regex if a list would over-match."""
+    chosen = set(paths)
+    extra = [q for q in all_paths if q not in chosen and any(q.endswith("." + p) for p in paths)]
+    if not extra:
+        return sorted(paths)
+    return "^(" + "|".join(re.escape(p) for p in sorted(paths)) + ")$"
+
+
+def _pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    return {re.escape(p): v for p, v in sorted(values.items()) if v != default}
+
+
+def _most_common(values: dict[str, Any]) -> Any:
+    counts: dict[Any, int] = {}
+    for v in values.values():
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], -list(values.values()).index(v)))
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's adapter in PEFT 0.21's format; returns the directory.
+
+    ``peft.PeftModel.from_pretrained(original_base, directory)`` then reproduces this model.
+    Both files are written atomically (temporary file + rename), tensors first.
+    """
+    sites = _all_sites(model)
+    parts = {p: _exporter(s)(s) for p, s in sites.items()}
+    types = {p: part.peft_type for p, part in parts.items()}
+    if len(set(types.values())) > 1:
+        by = {}
+        for p, t in types.items():
+            by.setdefault(t, p)
+        raise PeftFormatError(
+            "one PEFT adapter has one peft_type, but this model's sites need several: "
+            + ", ".join(f"{t} ({sites[p].variant.short()} at {p})" for t, p in by.items())
+            + ". Export models that use one method, or keep mixed ones in model-surgery's format (surgery.save)."
+        )
+    peft_type = next(iter(types.values()))
+    config = dict(_COMMON, **_DEFAULTS[peft_type], peft_type=peft_type)
+    shared: dict[str, tuple[Any, str]] = {}
+    for p, part in parts.items():
+        for k, v in part.shared.items():
+            if k in shared and shared[k][0] != v:
+                q = shared[k][1]
+                raise PeftFormatError(
+                    f"PEFT keeps {k} global for one adapter, but {sites[q].variant.short()} at {q} needs {k}={shared[k][0]!r} "
+                    f"and {sites[p].variant.short()} at {p} needs {k}={v!r}. Use one value for every site, or keep "
+                    "the model in model-surgery's format (surgery.save)."
+                )
+            shared.setdefault(k, (v, p))
+    config.update({k: v for k, (v, _) in shared.items()})
+
+    ranks = {p: part.r for p, part in parts.items() if part.r is not None}
+    if ranks:
+        config["r"] = _most_common(ranks)
+        if peft_type == "HRA" and len(set(ranks.values())) > 1:
+            raise PeftFormatError(
+                f"PEFT's HRA has one r for every module (no rank_pattern), but the sites use r={sorted(set(ranks.values()))}. "
+                "Use one HRA(r=...) for the whole model, or keep it in model-surgery's format (surgery.save)."
+            )
+        if "rank_pattern" in config:
+            config["rank_pattern"] = _pattern(ranks, config["r"])
+    if peft_type == "LORA":
+        root = math.sqrt if config["use_rslora"] else (lambda r: r)
+        alphas = {p: part.alpha if part.alpha is not None else float(root(part.r)) for p, part in parts.items()}
+        config["lora_alpha"] = _most_common(alphas)
+        config["alpha_pattern"] = _pattern(alphas, config["lora_alpha"])
+    all_paths = [n for n, _ in model.named_modules()]
+    config["target_modules"] = _selector(list(parts), all_paths)
+    if peft_type == "IA3":
+        ff = [p for p, part in parts.items() if part.feedforward]
+        config["feedforward_modules"] = _selector(ff, all_paths) if ff else []
+        if isinstance(config["feedforward_modules"], str) or isinstance(config["target_modules"], str):
+            config["target_modules"] = "^(" + "|".join(re.escape(p) for p in sorted(parts)) + ")$"
+            config["feedforward_modules"] = "^(" + "|".join(re.escape(p) for p in sorted(ff)) + ")$" if ff else []
+    if "fan_in_fan_out" in config:  # PEFT forces it per layer anyway; say it when it is true everywhere
+        config["fan_in_fan_out"] = all(s.layout == "conv1d" for s in sites.values())
+    config["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+    if config["task_type"] is None:
+        config["auto_mapping"] = {"base_model_class": type(model).__name__,
+                                  "parent_library": type(model).__module__}
+
+    tensors = {f"{PREFIX}{p}.{k}": t.to("cpu").contiguous() for p, part in parts.items() for k, t in part.tensors.items()}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True)
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# import
+# ----------------------------------------------------------------------------------------------
+
+
+def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with re.match((.*\\.)?(k)$, path)."""
+    for k, v in patterns.items():
+        if re.match(rf"(.*\.)?({k})$", path):
+            return v
+    return default
+
+
+def _variant_class(name: str, peft_type: str):
+    from adapters import REGISTRY
+
+    if name not in REGISTRY:
+        raise PeftFormatError(
+            f"this PEFT adapter is {peft_type}, which needs model-surgery's {name} variant; this installation "
+            f"has {sorted(REGISTRY)}. Upgrade model-surgery."
+        )
+    return REGISTRY[name]
+
+
+def _import_lora(config, path, tensors, site_dims):
+    A = tensors["lora_A.weight"]
+    r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
+    if A.shape[0] != r:
+        raise AdapterFileError(
+            f"{path}: lora_A has {A.shape[0]} rows but the config gives r={r} for this module; the adapter "
+            "directory is inconsistent (config and tensors from different runs?)."
+        )
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
+    cls = _variant_class("DoRA" if config.get("use_dora") else "LoRA", "LORA")
+    v = cls(r=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0)),
+            rslora=bool(config.get("use_rslora", False)))
+    names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    if config.get("use_dora"):
+        names["lora_magnitude_vector"] = "lora_magnitude_vector"
+    return v, names
+
+
+def _import_ia3(config, path, tensors, site_dims):
+    cls = _variant_class("IA3", "IA3")
+    d_in, d_out = site_dims
+    input_side = tuple(tensors["ia3_l"].shape) == (1, d_in) and d_out != 1
+    return cls(feedforward=(path,) if input_side else ()), {"ia3_l": "ia3_l"}
+
+
+def _import_hra(config, path, tensors, site_dims):
+    return _variant_class("HRA", "HRA")(r=int(config["r"])), {"hra_u": "hra_u"}
+
+
+def _import_delora(config, path, tensors, site_dims):
+    r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
+    cls = _variant_class("DeLoRA", "DELORA")
+    v = cls(r=int(r), dropout=float(config.get("module_dropout", 0.0)))
+    return v, {n: n for n in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")}
+
+
+def _import_road(config, path, tensors, site_dims):
+    cls = _variant_class("ROAD", "ROAD")
+    v = cls(variant=config.get("variant", "road_1"), group_size=int(config.get("group_size", 64)))
+    return v, {"road_theta": "road_theta", "road_alpha": "road_alpha"}
+
+
+_IMPORT = {"LORA": _import_lora, "IA3": _import_ia3, "HRA": _import_hra, "DELORA": _import_delora,
+           "ROAD": _import_road}
+_KEYS = {  # the tensor names PEFT saves per module, by peft_type
+    "LORA": ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_B.bias"),
+    "IA3": ("ia3_l",),
+    "HRA": ("hra_u",),
+    "DELORA": ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),
+    "ROAD": ("road_theta", "road_alpha"),
+}
+
+
+def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """adapter_config.json of a PEFT adapter directory, checked against what import_peft supports."""
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterFileError(
+            f"no {CONFIG_NAME} in {str(directory)!r}: a PEFT adapter directory (from save_pretrained) has one. "
+            "For a model-surgery .safetensors file use surgery.load(model, path)."
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({e}); re-save the adapter with PEFT.") from None
+    peft_type = config.get("peft_type")
+    if peft_type not in _IMPORT:
+        raise PeftFormatError(
+            f"{cfg_path}: peft_type={peft_type!r} is not supported; import_peft reads {sorted(_IMPORT)}. "
+            "Merge it with PEFT (merge_and_unload) and load the merged checkpoint instead."
+        )
+    defaults = _DEFAULTS[peft_type]
+    mapped = {"LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"},
+              "IA3": {"feedforward_modules"}, "HRA": {"r"}, "DELORA": {"r", "module_dropout", "rank_pattern"},
+              "ROAD": {"variant", "group_size"}}[peft_type]
+    for k, v in config.items():
+        if k in mapped or k in _IGNORED:
+            continue
+        if k == "init_lora_weights":
+            if any(v is ok or (isinstance(ok, str) and v == ok) for ok in _IGNORED_INIT_LORA):
+                continue
+            raise PeftFormatError(
+                f"{cfg_path}: init_lora_weights={v!r} is not supported by import_peft: that init changes the base "
+                f"weights on load (PiSSA, OLoRA, LoftQ, CorDA, ...), which model-surgery would have to redo exactly. "
+                f"Supported: {list(_IGNORED_INIT_LORA)}. Convert it to a plain LoRA with PEFT "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...)), or merge it with PEFT."
+            )
+        if k == "eva_config" and config.get("init_lora_weights") == "eva":
+            continue
+        default = defaults.get(k, _COMMON.get(k, None))
+        if v == default or (k not in defaults and k not in _COMMON and v in (None, False, {}, [], "none")):
+            continue
+        raise PeftFormatError(
+            f"{cfg_path}: {k}={v!r} is not supported by import_peft (PEFT's default is {default!r}); dropping it "
+            f"would change what the adapter computes. Re-create the adapter without {k}, or merge it with PEFT "
+            "(merge_and_unload) and load the merged checkpoint."
+        )
+    return config
+
+
+def _open_weights(directory: Path) -> Path:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise AdapterFileError(
+                f"{directory} holds adapter_model.bin (a pickle) and no {WEIGHTS_NAME}. model-surgery never "
+                "unpickles files, since that can run arbitrary code. Re-save it with PEFT's save_pretrained "
+                "(safe_serialization=True is the default), in a process you trust."
+            )
+        raise AdapterFileError(f"no {WEIGHTS_NAME} in {str(directory)!r}: the PEFT adapter directory is incomplete.")
+    read_header(path)  # refuses pickles, truncation and bad headers before any tensor is read
+    return path
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Rewrite ``model`` (a fresh base) with the PEFT adapter saved in ``directory``; returns ``model``."""
+    directory = Path(directory)
+    config = read_peft_config(directory)
+    peft_type = config["peft_type"]
+    weights = _open_weights(directory)
+    known = _KEYS[peft_type]
+    by_path: dict[str, dict[str, str]] = {}
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+    for key in keys:
+        name = key.removeprefix(PREFIX)
+        suffix = next((s for s in known if name.endswith("." + s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            raise PeftFormatError(
+                f"{weights}: tensor {key!r} is not a {peft_type} adapter tensor of the form "
+                f"'{PREFIX}<module>.<{'|'.join(known)}>' (modules_to_save, trainable tokens or embeddings "
+                "adapters are not supported). Re-create the adapter without them, or merge it with PEFT."
+            )
+        if suffix == "lora_B.bias":
+            raise PeftFormatError(f"{weights}: {key} is a LoRA bias (lora_bias=true), which import_peft does not support.")
+        by_path.setdefault(name[: -len(suffix) - 1], {})[suffix] = key
+    if not by_path:
+        raise AdapterFileError(f"{weights} holds no adapter tensors.")
+
+    cands = candidates(model)
+    plan, names = {}, {}
+    with safe_open(str(weights), framework="pt") as f:
+        for path, found in by_path.items():
+            mod = cands.get(path)
+            if mod is None:
+                close = difflib.get_close_matches(path, list(cands), n=2, cutoff=0.0)
+                raise BaseMismatchError(
+                    f"{directory} adapts {path}, which this model does not have (closest: {', '.join(close) or 'none'}). "
+                    "Import it onto the base it was trained on."
+                )
+            if isinstance(mod, Site):
+                raise AlreadyRewrittenError(f"{path} is already rewritten; import onto a fresh base (or surgery.restore(model) first).")
+            if not adaptable(mod):
+                raise BaseMismatchError(f"{directory} adapts {path}, but in this model it is a {type(mod).__name__}, not a linear layer.")
+            shapes = {s: f.get_slice(k) for s, k in found.items()}
+            plan[path], names[path] = _IMPORT[peft_type](config, path, _Shapes(shapes), dims(mod))
+            missing = [n for n, s in names[path].items() if s not in found]
+            if missing:
+                raise AdapterFileError(f"{weights} lacks {path}.{names[path][missing[0]]}, which {plan[path].short()} needs.")
+
+    first = not any(isinstance(m, Site) for m in cands.values())
+    built = apply_plan(model, plan, loading=True)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for path, site in built.items():
+                for ours, t in site.adapter_tensors().items():
+                    key = by_path[path].get(names[path].get(ours, ""))
+                    if key is None:
+                        raise AdapterFileError(f"{weights} has no tensor for {path}.{ours} ({site.variant.short()}).")
+                    v = f.get_tensor(key)
+                    if v.numel() != t.numel():
+                        raise BaseMismatchError(
+                            f"{weights}: {key} has shape {tuple(v.shape)}, but {site.variant.short()} at {path} expects "
+                            f"{tuple(t.shape)}. The adapter does not belong to this base."
+                        )
+                    with torch.no_grad():
+                        t.copy_(v.reshape(t.shape))
+    except BaseException:
+        _undo(model, built)
+        if first:
+            _restore_flags(model)
+        raise
+    return model
+
+
+class _Shapes(dict):
+    """Saved tensors by suffix, exposing only what a variant needs to decide its config: the shape."""
+
+    def __init__(self, slices):
+        super().__init__({k: SimpleNamespace(shape=tuple(s.get_shape())) for k, s in slices.items()})

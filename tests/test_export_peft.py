@@ -1,0 +1,145 @@
+"""surgery.export_peft: every variant, randomised, loads into the real peft.PeftModel with equal outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import surgery
+from adapters import REGISTRY
+from cases import CASES
+from models import GPT2, LLAMA, rel_err
+from surgery.errors import NotRewrittenError, PeftFormatError
+
+PEFT_REFUSES_CONV1D = {"HRA", "DeLoRA", "ROAD"}  # PEFT 0.21 raises TypeError on GPT-2's Conv1D for these
+
+
+def adapted(family, case, base):
+    model = copy.deepcopy(base)
+    calibration = [family.inputs(batch=4, seq=8, seed=s) for s in range(3)] if case.calibration else None
+    surgery.rewrite(model, case.variant, family.where, calibration=calibration)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            for t in s.adapter_tensors().values():
+                if isinstance(t, torch.nn.Parameter):
+                    t.add_(0.1 * torch.randn(t.shape, generator=g).to(t))
+    return model.eval()
+
+
+def peft_load(base, directory):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+
+
+@pytest.mark.parametrize("family", [LLAMA, GPT2], ids=lambda f: f.name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_export_loads_in_peft_with_equal_outputs(case, family, tmp_path):
+    base = family.model()
+    ours = adapted(family, case, base)
+    x = family.inputs()
+    want = family.out(ours, x)
+    assert rel_err(want, family.out(base, x)) > 1e-4, "the randomised adapter changed nothing"
+    if family is GPT2 and case.variant.name in PEFT_REFUSES_CONV1D:
+        with pytest.raises(PeftFormatError, match="Conv1D"):
+            surgery.export_peft(ours, tmp_path)
+        assert not (tmp_path / "adapter_config.json").exists()
+        return
+    surgery.export_peft(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.") for k in keys)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+    pm = peft_load(base, tmp_path)
+    got = family.out(pm, x)
+    err = rel_err(got, want)
+    assert err <= 1e-5, f"{case.id} on {family.name}: PEFT's outputs differ from ours by {err:.3g}"
+    assert sorted(config["target_modules"]) == sorted(surgery.sites(ours))
+
+
+def test_lora_config_fields_map_from_ours(tmp_path):
+    model = LLAMA.model()
+    surgery.rewrite(model, REGISTRY["LoRA"](r=4, alpha=12, dropout=0.1, rslora=True), LLAMA.where)
+    surgery.export_peft(model, tmp_path)
+    c = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (c["peft_type"], c["r"], c["lora_alpha"], c["lora_dropout"], c["use_rslora"]) == ("LORA", 4, 12, 0.1, True)
+    assert c["rank_pattern"] == {} and c["alpha_pattern"] == {} and c["use_dora"] is False and c["bias"] == "none"
+    path = "model.layers.0.self_attn.k_proj"
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {f"base_model.model.{path}.lora_A.weight", f"base_model.model.{path}.lora_B.weight"} <= keys
+
+
+def test_pissa_exports_as_rank_2r_lora_on_the_original_base(tmp_path):
+    model = LLAMA.model()
+    surgery.rewrite(model, REGISTRY["PiSSA"](r=4, alpha=8), LLAMA.where)
+    surgery.export_peft(model, tmp_path)
+    c = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (c["r"], c["lora_alpha"], c["init_lora_weights"]) == (8, 16, True)
+
+
+@pytest.mark.skipif("EVA" not in REGISTRY, reason="no EVA variant")
+def test_eva_per_site_ranks_go_to_rank_and_alpha_patterns(tmp_path):
+    model = LLAMA.model()
+    calibration = [LLAMA.inputs(batch=4, seq=8, seed=s) for s in range(3)]
+    surgery.rewrite(model, REGISTRY["EVA"](r=4, alpha=8), LLAMA.where, calibration=calibration)
+    ranks = {p: s.variant.r for p, s in surgery.sites(model).items()}
+    surgery.export_peft(model, tmp_path)
+    c = json.loads((tmp_path / "adapter_config.json").read_text())
+    from peft.utils.other import get_pattern_key
+
+    for p, r in ranks.items():
+        key = get_pattern_key(c["rank_pattern"].keys(), p)
+        assert c["rank_pattern"].get(key, c["r"]) == r
+        akey = get_pattern_key(c["alpha_pattern"].keys(), p)
+        assert c["alpha_pattern"].get(akey, c["lora_alpha"]) == pytest.approx(8 * r / 4)
+
+
+def test_mixed_methods_are_one_adapter_or_a_clear_error(tmp_path):
+    base = LLAMA.model()
+    model = copy.deepcopy(base)  # LoRA + PiSSA: both plain LoRA in PEFT, different r -> rank_pattern
+    surgery.rewrite(model, REGISTRY["LoRA"](r=2, alpha=4), "*.k_proj")
+    surgery.rewrite(model, REGISTRY["PiSSA"](r=4, alpha=8), "*.v_proj")
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.add_(0.1)
+    surgery.export_peft(model, tmp_path)
+    x = LLAMA.inputs()
+    assert rel_err(LLAMA.out(peft_load(base, tmp_path), x), LLAMA.out(model, x)) <= 1e-5
+
+    mixed = copy.deepcopy(base)
+    surgery.rewrite(mixed, REGISTRY["LoRA"](r=2), "*.k_proj")
+    surgery.rewrite(mixed, REGISTRY["DoRA"](r=2), "*.v_proj")
+    with pytest.raises(PeftFormatError, match="use_dora"):
+        surgery.export_peft(mixed, tmp_path / "mixed")
+    ia3 = copy.deepcopy(base)
+    surgery.rewrite(ia3, REGISTRY["LoRA"](r=2), "*.k_proj")
+    surgery.rewrite(ia3, REGISTRY["IA3"](), "*.v_proj")
+    with pytest.raises(PeftFormatError, match="peft_type"):
+        surgery.export_peft(ia3, tmp_path / "ia3")
+    drop = copy.deepcopy(base)
+    surgery.rewrite(drop, REGISTRY["LoRA"](r=2, dropout=0.1), "*.k_proj")
+    surgery.rewrite(drop, REGISTRY["LoRA"](r=2), "*.v_proj")
+    with pytest.raises(PeftFormatError, match="lora_dropout"):
+        surgery.export_peft(drop, tmp_path / "drop")
+
+
+@pytest.mark.skipif("AntiPaSTO" not in REGISTRY, reason="no AntiPaSTO variant")
+def test_a_full_rank_delta_without_peft_peer_is_refused(tmp_path):
+    model = LLAMA.model()
+    surgery.rewrite(model, REGISTRY["AntiPaSTO"](r=16, rotate_basis="V"), "*.k_proj")  # k_proj is 16x32: full rank
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.antipasto_delta.add_(0.3)
+            s.antipasto_rot.add_(0.3)
+    with pytest.raises(PeftFormatError, match="rank 16"):
+        surgery.export_peft(model, tmp_path)
+
+
+def test_export_needs_sites(tmp_path):
+    with pytest.raises(NotRewrittenError):
+        surgery.export_peft(LLAMA.model(), tmp_path)
