@@ -78,7 +78,7 @@ class Group:
 
 def _strip(line: str) -> str:
     # node names differ between layers only by fx's numeric suffixes and the layer index in paths
-    return re.sub(r"\d+", "#", line)
+    return re.sub(r"\d+", "#", re.sub(r"(?:_\d+)+\b", "", line))
 
 
 @dataclass
@@ -245,24 +245,24 @@ def compare(before: fx.Graph, after: fx.Graph, root_b: nn.Module | None, root_a:
             group_of=lambda node, side: "") -> list[NodeChange]:
     """Node changes from ``before`` to ``after``, in the after graph's order (removed nodes where they were)."""
     b_nodes = {n.name: n for n in before.nodes}
-    a_nodes = {n.name: n for n in after.nodes if "surgery" not in n.meta}
+    # a node matches the same-named node on the other side only if both came from the same splice
+    # (or neither did); a variant's node is never "the same" as a base node that shares its name
+    matched = {n.name for n in after.nodes
+               if n.name in b_nodes and b_nodes[n.name].meta.get("surgery") == n.meta.get("surgery")}
     order: dict[str, float] = {n.name: i for i, n in enumerate(after.nodes)}
     out: list[tuple[float, NodeChange]] = []
     last = -1.0
     for n in before.nodes:  # removed nodes sit just after the closest surviving node before them
-        if n.name in a_nodes:
+        if n.name in matched:
             last = order[n.name]
         else:
             last += 1e-3
             out.append((last, NodeChange(group_of(n, "before"), n.name, REMOVED, n.op, node_line(n), None)))
     for n in after.nodes:
-        if n.name not in a_nodes:
+        if n.name not in matched:
             out.append((order[n.name], NodeChange(group_of(n, "after"), n.name, ADDED, n.op, None, node_line(n))))
             continue
-        b = b_nodes.get(n.name)
-        if b is None:
-            out.append((order[n.name], NodeChange(group_of(n, "after"), n.name, ADDED, n.op, None, node_line(n))))
-            continue
+        b = b_nodes[n.name]
         reason = _changed(b, n, root_b, root_a)
         if reason:
             out.append((order[n.name], NodeChange(group_of(n, "after"), n.name, CHANGED, n.op, node_line(b),
@@ -354,6 +354,8 @@ def module_path(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
+        if path.startswith("_empty_nn_module_stack"):  # export's marker for nodes outside any module
+            return None
         # torch.export writes L['self'].model.layers[0] style paths in some versions; normalise them
         path = re.sub(r"^L\['self'\]\.?", "", path)
         return re.sub(r"\[(\d+)\]", r".\1", path).strip(".") or None
