@@ -1,0 +1,106 @@
+"""PiSSA: init equals PEFT's ``init_lora_weights="pissa"`` (A0, B0, residual W), outputs equal PEFT's
+after the same adapter values, identity error on float32 and bf16 bases, reproducible ``niter``."""
+
+import copy
+
+import pytest
+import torch
+
+import surgery
+from adapters import PiSSA
+from models import GPT2, LLAMA, TINY, rel_err
+from peft_twin import copy_from_peft, peft_model, randomise_peft
+from surgery.errors import ConfigError
+
+
+def peft_layer(pm, path):
+    return pm.base_model.model.get_submodule(path)
+
+
+@pytest.mark.parametrize("family,rslora", [(f, False) for f in TINY] + [(LLAMA, True)],
+                         ids=[f.name for f in TINY] + ["llama-rslora"])
+def test_pissa_matches_peft(family, rslora):
+    from peft import LoraConfig
+
+    base = family.model()
+    ours = copy.deepcopy(base)
+    surgery.rewrite(ours, PiSSA(r=4, alpha=12, rslora=rslora), family.where)  # s != 1: S is divided by s
+    sites = surgery.sites(ours)
+    pm = peft_model(base, LoraConfig(r=4, lora_alpha=12, use_rslora=rslora, init_lora_weights="pissa",
+                                     target_modules=list(sites)))
+    for path, site in sites.items():
+        layer = peft_layer(pm, path)
+        assert rel_err(site.lora_A, layer.lora_A["default"].weight) <= 1e-6
+        assert rel_err(site.lora_B, layer.lora_B["default"].weight) <= 1e-6
+        assert rel_err(site.weight, layer.base_layer.weight) <= 1e-6, f"residual weight differs at {path}"
+        assert rel_err(site.weight, base.get_submodule(path).weight) > 1e-3, f"base weight not replaced at {path}"
+
+    randomise_peft(pm)
+    assert copy_from_peft(pm, ours) == 2 * len(sites)
+    pm.eval()
+    ours.eval()
+    x = family.inputs()
+    theirs = family.out(pm, x)
+    assert rel_err(theirs, family.out(base, x)) > 1e-3, "PEFT's adapter is still the identity"
+    assert rel_err(family.out(ours, x), theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("family", TINY, ids=lambda f: f.name)
+def test_identity_error_by_dtype(family, dtype, tol):
+    """The numbers quoted in adapters/pissa.py: only the rounding of W_res to the base dtype remains."""
+    base = family.model(dtype=dtype)
+    x = family.inputs()
+    model = surgery.rewrite(copy.deepcopy(base), PiSSA(r=4, alpha=8), family.where)
+    err = rel_err(family.out(model, x), family.out(base, x))
+    assert 0 < err <= tol, f"identity error {err:.3g} on a {dtype} base"
+    site = next(iter(surgery.sites(model).values()))
+    assert site.lora_A.dtype == torch.float32
+
+
+def test_niter_is_seeded_reproducible_and_loads(tmp_path):
+    family = LLAMA
+    W = torch.randn(12, 10)
+    rng = torch.get_rng_state()
+    first = PiSSA(r=4, niter=2).principal(W)
+    assert torch.equal(torch.get_rng_state(), rng), "niter must not consume the global RNG"
+    torch.rand(5)
+    assert all(torch.equal(u, v) for u, v in zip(first, PiSSA(r=4, niter=2).principal(W)))
+
+    a = surgery.rewrite(family.model(), PiSSA(r=4, niter=2), family.where)
+    torch.manual_seed(123)  # a different global state must not change the result
+    b = surgery.rewrite(family.model(), PiSSA(r=4, niter=2), family.where)
+    for (p, sa), sb in zip(surgery.sites(a).items(), surgery.sites(b).values()):
+        assert torch.equal(sa.lora_A, sb.lora_A) and torch.equal(sa.weight, sb.weight), p
+    exact = surgery.rewrite(family.model(), PiSSA(r=4), family.where)
+    site = next(iter(surgery.sites(exact)))
+    assert not torch.equal(surgery.sites(a)[site].lora_B, surgery.sites(exact)[site].lora_B), "niter ignored"
+
+    with torch.no_grad():
+        for s in surgery.sites(a).values():
+            s.lora_A.add_(0.1 * torch.randn_like(s.lora_A))
+    x = family.inputs()
+    want = family.out(a, x)
+    surgery.save(a, tmp_path / "p.safetensors")
+    fresh = surgery.load(family.model(), tmp_path / "p.safetensors")
+    assert rel_err(family.out(fresh, x), want) <= 1e-6
+
+
+def test_merge_then_restore_on_conv1d():
+    family = GPT2
+    base = family.model()
+    model = surgery.rewrite(copy.deepcopy(base), PiSSA(r=4, alpha=8), family.where)
+    surgery.restore(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+
+
+def test_rank_must_fit_the_weight():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    with pytest.raises(ConfigError, match=r"r=8 is larger than min\(d_in, d_out\)=5"):
+        surgery.rewrite(model, PiSSA(r=8), "0")
+    assert isinstance(model[0], torch.nn.Linear), "a failed rewrite must leave the model unchanged"
+
+
+def test_bad_niter():
+    with pytest.raises(ConfigError, match="niter"):
+        PiSSA(r=4, niter=-1)
