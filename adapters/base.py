@@ -121,11 +121,11 @@ class Variant:
         return type(self).__name__
 
     def short(self) -> str:
-        """``LoRA(r=8)``: the fields that differ from their defaults."""
+        """``LoRA(r=8, alpha=16)``: the rank and the fields that differ from their defaults."""
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.default is not dataclasses.MISSING and v == f.default:
+            if f.name != "r" and f.default is not dataclasses.MISSING and v == f.default:
                 continue
             parts.append(f"{f.name}={_show(v)}")
         return f"{self.name}({', '.join(parts)})"
