@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapters import LoRA
+from adapters import DeLoRA, DoRA, IA3
 from adapters import HRA, ROAD
 from adapters.base import Variant
 
@@ -30,6 +31,10 @@ class Case:
 CASES = [
     Case("lora", LoRA(r=4, alpha=8)),
     Case("lora-rslora-dropout", LoRA(r=4, alpha=8, dropout=0.1, rslora=True)),
+    Case("dora", DoRA(r=4, alpha=8)),
+    Case("ia3", IA3()),  # paper placement: every family's `where` has its feed-forward output projection
+    Case("ia3-output-side", IA3(feedforward=())),  # the q/v placement's side: output side at every site
+    Case("delora", DeLoRA(r=4)),
     Case("hra", HRA(r=4)),
     Case("road", ROAD(variant="road_4", group_size=8)),  # the tiny families have d_out 16, 32, 96
 ]

@@ -1,0 +1,70 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv 2402.09353).
+
+The adapted weight is split into a direction, W + s B A, and a learned magnitude per output unit:
+
+    W' = diag(m / n) (W + s B A),    n = ||W + s B A||_row  (detached, paper §4.3)
+    y  = (m / n) * (W x + s B A x) + b                       eval, or dropout p = 0
+    y  = W x + b + (m / n - 1) * (W d) + (m / n) * s B A d    training with p > 0, d = drop(x)
+
+    A: lora_A (r, d_in) and B: lora_B (d_out, r), initialised as in LoRA; s as in LoRA
+    m: lora_magnitude_vector (d_out) = ||W||_row, the row norms of W + s B A with B = 0
+
+Identity at init: B = 0 and m = n exactly (both are the same sum of squares), so m / n = 1.
+Fold: W' = diag(m / n) (W + s B A); b' = b (the bias is never rescaled).
+Requires: the dense base weight (n depends on W), on Linear or GPT-2 Conv1D.
+
+n is never built from the d_out x d_in matrix W + s B A. Writing bs_i for row i of s B,
+    n_i^2 = ||w_i||^2 + bs_i . (2 (W A^T)_i + bs_i (A A^T))
+costs one (d_out, r) product with W and reads W once more for ||w_i||^2.
+The p > 0 formula holds in eval too (drop(x) = x there), so with p > 0 we always apply it: in
+eval that is one matmul more than PEFT, which reuses its base output. With p = 0, W x = y - b.
+
+Deviations from PEFT 0.21 (same values within float rounding; parity is tested):
+- PEFT forms s B A explicitly (through an identity matrix) on every forward; we use the identity above.
+- On a half-precision base PEFT computes m at init in the base dtype; we compute it in float32.
+Deviation from the paper: dropout follows PEFT (the paper has none inside the magnitude term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import SiteInit, register
+from .lora import LoRA
+
+
+@register
+@dataclass(frozen=True)
+class DoRA(LoRA):
+    needs_weight = True
+
+    def init(self, site: SiteInit) -> dict[str, torch.Tensor]:
+        tensors = super().init(site)
+        m = site.weight.pow(2).sum(1).sqrt()  # (d_out,): the same sum forward takes, so m / n = 1
+        tensors["lora_magnitude_vector"] = m.to(dtype=site.dtype, device=site.device)
+        return tensors
+
+    def row_norm(self, weight, A, B):
+        """||W + s B A||_row without forming the matrix; no gradient flows through it."""
+        A, Bs = A.detach(), B.detach() * self.scale  # (r, d_in), (d_out, r)
+        cross = weight.detach() @ A.t()  # (d_out, r)
+        n2 = weight.detach().pow(2).sum(1) + (Bs * (2 * cross + Bs @ (A @ A.t()))).sum(1)  # (d_out,)
+        return n2.clamp_min(0).sqrt()  # rounding may push a vanishing row's n2 below 0
+
+    def forward(self, x, y, weight, bias, t):
+        g = t.lora_magnitude_vector / self.row_norm(weight, t.lora_A, t.lora_B)  # (d_out,)
+        if self.dropout > 0:
+            d = t.lora_dropout(x)  # (..., d_in)
+            lora = F.linear(F.linear(d, t.lora_A), t.lora_B * self.scale)  # (..., d_out)
+            return y + (g - 1) * F.linear(d, weight) + g * lora  # (..., d_out)
+        lora = F.linear(F.linear(x, t.lora_A), t.lora_B * self.scale)  # (..., d_out)
+        if bias is None:
+            return (y + lora) * g  # (..., d_out)
+        return torch.addcmul(bias, y - bias + lora, g)  # (..., d_out): b + g * (W x + s B A x)
+
+    def fold(self, weight, bias, t):
+        V = weight + self.scale * (t.lora_B @ t.lora_A)  # (d_out, d_in)
+        return (t.lora_magnitude_vector / V.norm(dim=1)).unsqueeze(1) * V, bias
