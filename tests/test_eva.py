@@ -1,0 +1,154 @@
+"""EVA: A spans the exact PCA of each site's unmasked calibration inputs, masked tokens are ignored,
+rank redistribution matches an independent ranking, forward equals PEFT's LoRA, and its errors."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import surgery
+from adapters import EVA
+from models import GPT2, LLAMA, rel_err
+from peft_twin import copy_from_peft, peft_model, randomise_peft
+from surgery.errors import CalibrationError, ConfigError
+
+
+def padded_batches(family, n=3, batch=4, seq=8):
+    """Right-padded batches: each row keeps a different number of real tokens."""
+    out = []
+    for s in range(n):
+        b = family.inputs(batch=batch, seq=seq, seed=s)
+        for i in range(batch):
+            b["attention_mask"][i, seq - i - 1:] = 0 if i else 1
+        out.append(b)
+    return out
+
+
+def site_inputs(family, model, paths, batches):
+    """Every unmasked input row of each leaf, float64, gathered with our own hooks."""
+    rows = {p: [] for p in paths}
+    mask = [None]
+    hooks = [model.get_submodule(p).register_forward_pre_hook(
+        lambda m, a, p=p: rows[p].append(a[0][mask[0]].double())) for p in paths]
+    with torch.no_grad():
+        for b in batches:
+            mask[0] = b["attention_mask"].bool()
+            model(**b)
+    for h in hooks:
+        h.remove()
+    return {p: torch.cat(r).numpy() for p, r in rows.items()}
+
+
+def principal_cosines(A, B):
+    """Cosines of the principal angles between the row spaces of A and B (orthonormalised)."""
+    qa, qb = np.linalg.qr(np.asarray(A, dtype=np.float64).T)[0], np.linalg.qr(np.asarray(B, dtype=np.float64).T)[0]
+    return np.linalg.svd(qa.T @ qb, compute_uv=False)
+
+
+def exact_pca(X):
+    Xc = X - X.mean(0)
+    _, s, vt = np.linalg.svd(Xc, full_matrices=False)
+    return s**2 / (len(X) - 1), vt
+
+
+@pytest.mark.parametrize("family", [LLAMA, GPT2], ids=lambda f: f.name)
+def test_A_spans_the_exact_pca_of_unmasked_inputs(family):
+    base = family.model()
+    batches = padded_batches(family)
+    model = surgery.rewrite(copy.deepcopy(base), EVA(r=4, rho=1.0), family.where, calibration=batches)
+    X = site_inputs(family, base, list(surgery.sites(model)), batches)
+    for path, site in surgery.sites(model).items():
+        A = site.lora_A.detach()
+        assert torch.allclose(A @ A.t(), torch.eye(4), atol=1e-5), "rows of A should be orthonormal"
+        assert not site.lora_B.any()
+        cos = principal_cosines(A.numpy(), exact_pca(X[path])[1][:4])
+        assert cos.min() >= 1 - 1e-5, f"{path}: principal cosines {cos}"
+
+
+def test_masked_tokens_are_excluded():
+    family = LLAMA
+    base = family.model()
+    batches = padded_batches(family)
+    changed = copy.deepcopy(batches)
+    for b in changed:
+        pad = b["attention_mask"] == 0
+        b["input_ids"][pad] = (b["input_ids"][pad] + 17) % family.vocab
+
+    def A_of(bs):
+        m = surgery.rewrite(copy.deepcopy(base), EVA(r=4, rho=1.0), family.where, calibration=bs)
+        return {p: s.lora_A.detach() for p, s in surgery.sites(m).items()}
+
+    ref, same = A_of(batches), A_of(changed)
+    for p in ref:
+        assert principal_cosines(ref[p], same[p]).min() >= 1 - 1e-6, f"masked tokens changed A at {p}"
+    unmasked = [dict(b, attention_mask=torch.ones_like(b["attention_mask"])) for b in changed]
+    moved = A_of(unmasked)
+    assert min(principal_cosines(ref[p], moved[p]).min() for p in ref) < 0.99, "control: the padded rows matter"
+
+
+def test_rank_redistribution_matches_an_independent_ranking(tmp_path):
+    family = LLAMA
+    base = family.model()
+    batches = padded_batches(family)
+    r, rho = 8, 2.0  # on this model, ranks come out unequal
+    model = surgery.rewrite(copy.deepcopy(base), EVA(r=r, alpha=8, rho=rho), family.where, calibration=batches)
+    paths = [p for p, _ in base.named_modules() if p.endswith(("k_proj", "v_proj", "down_proj"))]
+    X = site_inputs(family, base, paths, batches)
+    pool = []
+    for p in paths:
+        var, _ = exact_pca(X[p])
+        pool += [(v, p) for v in (var / var.sum())[: round(rho * r)]]
+    pool.sort(key=lambda vp: -vp[0])
+    want = {p: 0 for p in paths}
+    for _, p in pool[: r * len(paths)]:
+        want[p] += 1
+    got = {p: s.variant.r for p, s in surgery.sites(model).items()}
+    assert got == {p: k for p, k in want.items() if k > 0}
+    assert len(set(got.values())) > 1, "expected unequal ranks on this model"
+    for s in surgery.sites(model).values():
+        assert s.variant.alpha == pytest.approx(8 * s.variant.r / r)
+        assert s.lora_A.shape == (s.variant.r, s.d_in)
+
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.normal_()
+    x = family.inputs()
+    surgery.save(model, tmp_path / "e.safetensors")
+    loaded = surgery.load(family.model(), tmp_path / "e.safetensors")  # no calibration needed
+    assert rel_err(family.out(loaded, x), family.out(model, x)) <= 1e-6
+
+
+@pytest.mark.parametrize("family", [LLAMA, GPT2], ids=lambda f: f.name)
+def test_forward_matches_peft_lora(family):
+    from peft import LoraConfig
+
+    base = family.model()
+    ours = surgery.rewrite(copy.deepcopy(base), EVA(r=4, alpha=12, rho=1.0), family.where,
+                           calibration=padded_batches(family))
+    targets = list(surgery.sites(ours))
+    pm = peft_model(base, LoraConfig(r=4, lora_alpha=12, target_modules=targets))
+    randomise_peft(pm)
+    assert copy_from_peft(pm, ours) == 2 * len(targets)
+    pm.eval()
+    x = family.inputs()
+    theirs = family.out(pm, x)
+    assert rel_err(theirs, family.out(base, x)) > 1e-3
+    assert rel_err(family.out(ours, x), theirs) <= 1e-5
+
+
+def test_calibration_errors():
+    family = LLAMA
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        surgery.rewrite(family.model(), EVA(r=4), family.where)
+    few = [family.inputs(batch=1, seq=4)]
+    model = family.model()
+    with pytest.raises(CalibrationError, match=r"saw 4 calibration tokens; .* needs at least 5"):
+        surgery.rewrite(model, EVA(r=4, rho=1.0), family.where, calibration=few)
+    with pytest.raises(CalibrationError, match=r"saw 4 calibration tokens"):
+        surgery.rewrite(model, EVA(r=4), family.where, calibration=few)
+    assert type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear, "a failed rewrite changed the model"
+    with pytest.raises(ConfigError, match=r"r=40 is larger than the input size d_in=32"):
+        surgery.rewrite(model, EVA(r=40, rho=1.0), "*.k_proj", calibration=padded_batches(family, seq=16))
+    with pytest.raises(ConfigError, match="rho must be >= 1"):
+        EVA(r=4, rho=0.5)
