@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from adapters import LoRA
 from adapters import DeLoRA, DoRA, IA3
+from adapters import AntiPaSTO, EVA, PiSSA
 from adapters import HRA, ROAD
 from adapters.base import Variant
 
@@ -37,4 +38,7 @@ CASES = [
     Case("delora", DeLoRA(r=4)),
     Case("hra", HRA(r=4)),
     Case("road", ROAD(variant="road_4", group_size=8)),  # the tiny families have d_out 16, 32, 96
+    Case("pissa", PiSSA(r=4, alpha=8), identity=1e-5),
+    Case("eva", EVA(r=4, alpha=8), calibration=True),
+    Case("antipasto", AntiPaSTO(r=4, rotate_basis="V", block_size=2)),
 ]
