@@ -192,6 +192,62 @@ def diff(args: argparse.Namespace) -> int | None:
     return 0
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja")
+
+
+def _apply_adapter(model, adapter: str) -> None:
+    """A PEFT adapter directory goes through import_peft, a model-surgery file through load."""
+    from pathlib import Path
+
+    from .io import load
+    from .peft_format import import_peft
+
+    (import_peft if Path(adapter).is_dir() else load)(model, adapter)
+
+
+@command(
+    arg("model_dir", help="the base model's directory (save_pretrained); read from local files only"),
+    arg("adapter", help="a model-surgery adapter file (.safetensors) or a PEFT adapter directory"),
+    arg("-o", "--output", required=True, metavar="OUT_DIR", help="where to write the merged checkpoint"),
+)
+def merge(args: argparse.Namespace) -> int | None:
+    """Apply an adapter to a saved model, fold it into the weights and save a plain checkpoint."""
+    import shutil
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .rewrite import merge as fold
+
+    model = load_model(args.model_dir)
+    _apply_adapter(model, args.adapter)
+    fold(model, progress=lambda pairs: tqdm(pairs, desc="folding", unit="site", file=sys.stderr))
+    out = Path(args.output)
+    model.save_pretrained(out)
+    copied = [n for n in _TOKENIZER_FILES if (Path(args.model_dir) / n).is_file()]
+    for name in copied:  # the merged model keeps the base's tokenizer, so the folder loads as one unit
+        shutil.copy2(Path(args.model_dir) / name, out / name)
+    print(f"wrote a merged checkpoint to {out}" + (f" (with {len(copied)} tokenizer files)" if copied else ""))
+    return 0
+
+
+@command(
+    arg("model_dir", help="the base model's directory (save_pretrained); read from local files only"),
+    arg("adapter", help="a model-surgery adapter file (.safetensors), as written by surgery.save"),
+    arg("-o", "--output", required=True, metavar="PEFT_DIR", help="where to write the PEFT adapter directory"),
+)
+def export_peft(args: argparse.Namespace) -> int | None:
+    """Convert a model-surgery adapter to PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    from .io import load
+    from .peft_format import export_peft as export
+
+    model = load_model(args.model_dir)
+    load(model, args.adapter)
+    print(f"wrote a PEFT adapter to {export(model, args.output)}")
+    return 0
+
+
 # ----- entry point -----
 
 

@@ -8,7 +8,7 @@ so a failed call leaves the model exactly as it was.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -231,12 +231,15 @@ def restore(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every site into its weights and put back modules of the original class; returns ``model``."""
+def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None = None) -> nn.Module:
+    """Fold every site into its weights and put back modules of the original class; returns ``model``.
+
+    ``progress`` wraps the ``(path, site)`` pairs while they are folded (e.g. ``tqdm``), for long merges.
+    """
     sites = _all_sites(model)
     owners = _owners(model)
     folded = {}
-    for path, site in sites.items():
+    for path, site in (progress or iter)(sites.items()):
         W, b = site.fold()
         bad = [n for n, t in (("weight", W), ("bias", b)) if t is not None and not torch.isfinite(t).all()]
         bad += [n for n, t in site.adapter_tensors().items() if t.is_floating_point() and not torch.isfinite(t).all()]
