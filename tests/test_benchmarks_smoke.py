@@ -1,0 +1,68 @@
+"""The benchmark scripts run end to end (--quick) and print a row per variant. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name: str, tmp_path, *extra: str) -> tuple[str, dict]:
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--quick", "--out", str(out), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 0, f"{name}.py --quick failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout, json.loads(out.read_text())
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """First-column value -> cells, over every Markdown table row printed."""
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.setdefault(cells[0], cells)
+    return rows
+
+
+def specs():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import common
+
+    return common.available()
+
+
+def expected_variants() -> list[str]:
+    return [s.name for s in specs()]
+
+
+def test_speed_quick_has_a_row_per_variant(tmp_path):
+    stdout, data = run_script("speed", tmp_path)
+    rows = table_rows(stdout)
+    names = expected_variants()
+    assert names, "no variant is registered"
+    for name in names:
+        assert name in rows, f"speed table has no row for {name}:\n{stdout}"
+    assert [r["variant"] for r in data["train_step"]] == names
+    for r in data["train_step"]:
+        assert r["merged_plain"], f"{r['variant']}: merge left a site behind"
+    assert data["compile"] and all("error" not in r for r in data["compile"]), data["compile"]
+
+
+def test_quality_quick_has_a_row_per_variant(tmp_path):
+    stdout, data = run_script("quality", tmp_path, "--cache", str(tmp_path / "cache"))
+    rows = table_rows(stdout)
+    names = expected_variants()
+    for name in names:
+        assert name in rows, f"quality table has no row for {name}:\n{stdout}"
+    by_name = {r["variant"]: r for r in data["rows"]}
+    for spec in specs():
+        r = by_name[spec.name]
+        assert 0.0 <= r["ours_acc"] <= 1.0 and r["ours_params"] > 0
+        assert ("peft_acc" in r) == (spec.peft is not None), f"{spec.name}: PEFT column present iff it has a peer"
