@@ -217,11 +217,11 @@ def _exporter(site: Site) -> Callable[[Site], _Part]:
     return _export_delta
 
 
-def _selector(paths: list[str], all_paths: list[str]) -> list[str] | str:
-    """PEFT's target list (an entry matches itself or as a '.'-suffix), or an exact regex if a list would over-match."""
+def _selector(paths: list[str], others: list[str], sep: str = ".") -> list[str] | str:
+    """PEFT's list form (an entry matches a name equal to it or ending in sep + entry), or an exact regex
+    when the list would also catch one of ``others``."""
     chosen = set(paths)
-    extra = [q for q in all_paths if q not in chosen and any(q.endswith("." + p) for p in paths)]
-    if not extra:
+    if not any(q not in chosen and any(q.endswith(sep + p) for p in paths) for q in others):
         return sorted(paths)
     return "^(" + "|".join(re.escape(p) for p in sorted(paths)) + ")$"
 
@@ -285,14 +285,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         alphas = {p: part.alpha if part.alpha is not None else float(root(part.r)) for p, part in parts.items()}
         config["lora_alpha"] = _most_common(alphas)
         config["alpha_pattern"] = _pattern(alphas, config["lora_alpha"])
-    all_paths = [n for n, _ in model.named_modules()]
-    config["target_modules"] = _selector(list(parts), all_paths)
-    if peft_type == "IA3":
+    config["target_modules"] = _selector(list(parts), [n for n, _ in model.named_modules()])
+    if peft_type == "IA3":  # PEFT tests feedforward entries with a bare endswith, among the targets
         ff = [p for p, part in parts.items() if part.feedforward]
-        config["feedforward_modules"] = _selector(ff, all_paths) if ff else []
-        if isinstance(config["feedforward_modules"], str) or isinstance(config["target_modules"], str):
-            config["target_modules"] = "^(" + "|".join(re.escape(p) for p in sorted(parts)) + ")$"
-            config["feedforward_modules"] = "^(" + "|".join(re.escape(p) for p in sorted(ff)) + ")$" if ff else []
+        config["feedforward_modules"] = _selector(ff, list(parts), sep="") if ff else []
     if "fan_in_fan_out" in config:  # PEFT forces it per layer anyway; say it when it is true everywhere
         config["fan_in_fan_out"] = all(s.layout == "conv1d" for s in sites.values())
     config["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None

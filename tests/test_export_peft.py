@@ -143,3 +143,34 @@ def test_a_full_rank_delta_without_peft_peer_is_refused(tmp_path):
 def test_export_needs_sites(tmp_path):
     with pytest.raises(NotRewrittenError):
         surgery.export_peft(LLAMA.model(), tmp_path)
+
+
+class _Nested(torch.nn.Module):
+    """'fc' and 'sub.fc': PEFT's list entry 'fc' would also catch 'sub.fc' (suffix match)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.sub = torch.nn.Module()
+        self.sub.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.sub.fc(self.fc(x))
+
+
+def test_targets_are_exact_even_where_a_list_would_over_match(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = _Nested()
+    model = copy.deepcopy(base)
+    surgery.rewrite(model, REGISTRY["IA3"](feedforward=("fc",)), "fc")
+    with torch.no_grad():
+        surgery.sites(model)["fc"].ia3_l.uniform_(0.5, 1.5)
+    surgery.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str)
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert [n for n, _ in pm.named_modules() if n.endswith("base_layer")] == ["base_model.model.fc.base_layer"]
+    x = torch.randn(3, 8)
+    assert rel_err(pm(x), model(x)) <= 1e-6
