@@ -56,7 +56,7 @@ def collect(model: nn.Module, variant: Variant, leaves: dict[str, nn.Module], ca
         return hook
 
     handles = [mod.register_forward_pre_hook(hook_for(p, dims(mod)[0]), with_kwargs=True) for p, mod in leaves.items()]
-    was = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: model.train(was) would flatten mixed modes
     model.eval()
     n = 0
     try:
@@ -69,7 +69,8 @@ def collect(model: nn.Module, variant: Variant, leaves: dict[str, nn.Module], ca
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
+        for m, mode in modes:
+            m.training = mode
     if n == 0:
         raise CalibrationError(f"{variant.name}: the calibration iterable yielded no batches; pass at least one batch.")
     empty = [p for p, s in states.items() if s is None]

@@ -65,6 +65,34 @@ def _expand_braces(s: str) -> list[str]:
     return [x for p in parts for x in _expand_braces(head + p + tail)]
 
 
+_MAX_BRACE_DEPTH = 32
+_MAX_ALTERNATIVES = 4096
+
+
+def _check_brace_size(s: str) -> None:
+    """Refuse brace patterns whose expansion would recurse too deep or explode combinatorially."""
+    frames = [[0, 1]]  # per open group: [sum of finished alternatives, product of the current one]
+    for ch in s:
+        if ch == "{":
+            frames.append([0, 1])
+            if len(frames) > _MAX_BRACE_DEPTH:
+                raise PatternError(
+                    f"`where` pattern {s[:60]!r}... nests braces more than {_MAX_BRACE_DEPTH} deep; "
+                    "write a flatter pattern or a list of patterns."
+                )
+        elif ch == "," and len(frames) > 1:
+            frames[-1][0] += frames[-1][1]
+            frames[-1][1] = 1
+        elif ch == "}" and len(frames) > 1:
+            done = frames.pop()
+            frames[-1][1] = min(frames[-1][1] * (done[0] + done[1]), _MAX_ALTERNATIVES + 1)
+    if frames[0][1] > _MAX_ALTERNATIVES:
+        raise PatternError(
+            f"`where` pattern {s[:60]!r} expands to more than {_MAX_ALTERNATIVES} alternatives; "
+            "use a 're:' regex or a callable instead."
+        )
+
+
 def _glob_to_regex(glob: str) -> str:
     out, i = [], 0
     while i < len(glob):
@@ -106,14 +134,21 @@ def compile_one(entry) -> Pattern:
     if entry.startswith("re:"):
         try:
             rx = re.compile(entry[3:])
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:
             raise PatternError(
                 f"bad regex in `where` {entry!r}: {e}. The part after 're:' is a Python regex matched "
                 r"against the whole path, e.g. 're:.*\.layers\.[0-3]\..*_proj'."
             ) from None
         return Pattern(entry, lambda p, m: rx.fullmatch(p) is not None, literal=False)
+    _check_brace_size(entry)
     alternatives = _expand_braces(entry)
-    rx = re.compile("|".join(f"(?:{_glob_to_regex(a)})" for a in alternatives))
+    try:
+        rx = re.compile("|".join(f"(?:{_glob_to_regex(a)})" for a in alternatives))
+    except (re.error, OverflowError) as e:  # a class the regex engine refuses, e.g. '[z-a]' or '[!]'
+        raise PatternError(
+            f"bad character class in `where` pattern {entry!r}: {e}. Write classes like '[0-3]' or '[!0]', "
+            "or use a 're:' regex."
+        ) from None
     return Pattern(entry, lambda p, m: rx.fullmatch(p) is not None, literal=not (_GLOB_CHARS & set(entry)))
 
 
