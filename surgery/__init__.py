@@ -16,5 +16,6 @@ from .io import load, save
 from .peft_format import export_peft, import_peft
 from .rewrite import merge, restore, rewrite
 from .site import Site
+from .trace import is_traced, trace
 
-__all__ = ["rewrite", "plan", "sites", "summary", "merge", "restore", "save", "load", "export_peft", "import_peft", "diff", "Diff", "Site", "Plan", "errors"]
+__all__ = ["trace", "is_traced", "rewrite", "plan", "sites", "summary", "merge", "restore", "save", "load", "export_peft", "import_peft", "diff", "Diff", "Site", "Plan", "errors"]

@@ -10,6 +10,7 @@ from torch import nn
 
 from .rewrite import candidates
 from .site import Site, adaptable
+from .trace import is_traced
 from .where import Matches, Where, match
 
 
@@ -55,12 +56,20 @@ class Plan:
 
 def plan(model: nn.Module, where: Where) -> Plan:
     """Dry run: which adaptable paths each pattern hits (patterns that hit nothing show 0)."""
+    if is_traced(model):
+        from . import graph
+
+        return Plan(graph.matches(model, where, strict=False))
     cands = candidates(model)
     return Plan(match(cands, lambda m: adaptable(m) or isinstance(m, Site), where, strict=False))
 
 
 def sites(model: nn.Module) -> dict[str, Site]:
     """Every site of the model by module path, in model order."""
+    if is_traced(model):
+        from . import graph
+
+        return graph.sites(model)
     return {p: m for p, m in model.named_modules() if isinstance(m, Site)}
 
 

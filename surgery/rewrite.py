@@ -21,14 +21,12 @@ from .errors import (
     DenseWeightError,
     IdentityError,
     NonFiniteError,
-    MetaDeviceError,
     NotRewrittenError,
     TiedWeightError,
-    UnsupportedModuleError,
-    VariantContractError,
     WhereTypeError,
 )
 from .site import Site, adaptable, build_site, dims, layout, linear_weight
+from .trace import is_traced
 from .where import Where, match
 
 _FLAGS = "_surgery_requires_grad"  # original requires_grad of every base parameter, kept on the model
@@ -65,11 +63,6 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
     """Splice ``variant`` into every module matched by ``where``, in place; returns ``model``."""
     from adapters.base import Variant
 
-    if isinstance(variant, type) and issubclass(variant, Variant):
-        raise WhereTypeError(
-            f"`variant` must be a variant config instance; got the class {variant.__name__} itself. "
-            f"Call it: surgery.rewrite(model, {variant.__name__}(r=8), where)."
-        )
     if not isinstance(variant, Variant):
         raise WhereTypeError(
             f"`variant` must be a variant config such as adapters.LoRA(r=8); got {type(variant).__name__} "
@@ -77,6 +70,10 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
         )
     if not isinstance(model, nn.Module):
         raise WhereTypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+    if is_traced(model):
+        from . import graph
+
+        return graph.rewrite(model, variant, where, calibration=calibration)
     paths = resolve(model, where)
     plan = {p: variant for p in paths}
     states: dict[str, Any] = {}
@@ -90,11 +87,13 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
     return model
 
 
-def site_init(path: str, leaf: nn.Module, variant: Variant, *, calibration=None, loading=False) -> SiteInit:
+def site_init(path: str, leaf: nn.Module, variant: Variant, *, calibration=None, loading=False,
+              lay: str | None = None) -> SiteInit:
     from adapters.base import SiteInit
 
-    d_in, d_out = dims(leaf)
+    lay = lay or layout(leaf)  # graph scope passes it: there the leaf is a plain container of parameters
     w = leaf.weight
+    d_in, d_out = (w.shape[1], w.shape[0]) if lay == "linear" else (w.shape[0], w.shape[1])
     dense = isinstance(w, torch.Tensor) and w.device.type != "meta" and w.is_floating_point()
     if variant.needs_weight and not dense:
         raise DenseWeightError(
@@ -102,17 +101,10 @@ def site_init(path: str, leaf: nn.Module, variant: Variant, *, calibration=None,
             f"{'on the meta device' if isinstance(w, torch.Tensor) and w.device.type == 'meta' else f'of type {type(w).__name__}'}. "
             "Load real weights first, or use a variant that only needs the layer's shape (LoRA, IA3)."
         )
-    if isinstance(w, torch.Tensor) and w.device.type != "meta" and not w.is_floating_point():
-        # the site traces the leaf's own forward, which cannot run on an integer weight
-        raise UnsupportedModuleError(
-            f"{path} has a weight of dtype {str(w.dtype).removeprefix('torch.')}, so it is not a float linear layer "
-            f"that {variant.name} can adapt (a quantised stand-in?). Dequantise it to a float dtype first, "
-            "or leave it out of `where`."
-        )
     dt = torch.promote_types(w.dtype, torch.float32) if dense else torch.float32
     return SiteInit(
         path=path, d_in=d_in, d_out=d_out,
-        weight=linear_weight(w.detach(), layout(leaf)).to(dt) if dense else None,
+        weight=linear_weight(w.detach(), lay).to(dt) if dense else None,
         bias=None if leaf.bias is None or not dense else leaf.bias.detach().to(dt),
         dtype=variant.adapter_dtype(w.dtype), device=w.device, calibration=calibration, loading=loading,
     )
@@ -163,9 +155,6 @@ def apply_plan(model: nn.Module, plan: dict[str, Variant], *, states: dict[str, 
     first = not any(isinstance(m, Site) for m in modules.values())
     if first:
         model.__dict__[_FLAGS] = {n: p.requires_grad for n, p in model.named_parameters()}
-    flags_now = [(p, p.requires_grad) for p in model.parameters()]
-    # earlier sites' adapter tensors keep their flags: a second rewrite must not freeze the first
-    earlier = {id(t) for m in modules.values() if isinstance(m, Site) for t in m.adapter_tensors().values()}
     done: list[str] = []
     try:
         for path, site in built.items():
@@ -176,8 +165,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Variant], *, states: dict[str, 
                 with torch.no_grad():
                     site.weight.copy_(linear_weight(new_weights[path], site.layout).to(site.weight.dtype))
         for p in model.parameters():
-            if id(p) not in earlier:
-                p.requires_grad_(False)
+            p.requires_grad_(False)
         for site in built.values():
             for t in site.adapter_tensors().values():
                 if isinstance(t, nn.Parameter):
@@ -188,8 +176,6 @@ def apply_plan(model: nn.Module, plan: dict[str, Variant], *, states: dict[str, 
         _undo(model, {p: built[p] for p in done})
         if first:
             _restore_flags(model)
-        for p, flag in flags_now:
-            p.requires_grad_(flag)
         raise
     return built
 
@@ -236,6 +222,10 @@ def _restore_flags(model: nn.Module) -> None:
 
 
 def _all_sites(model: nn.Module) -> dict[str, Site]:
+    if is_traced(model):
+        from . import graph
+
+        return graph._all(model)
     out = {p: m for p, m in model.named_modules() if isinstance(m, Site)}
     if not out:
         raise NotRewrittenError(
@@ -247,6 +237,10 @@ def _all_sites(model: nn.Module) -> dict[str, Site]:
 
 def restore(model: nn.Module) -> nn.Module:
     """Remove every site and give back the exact original modules and weights; returns ``model``."""
+    if is_traced(model):
+        from . import graph
+
+        return graph.restore(model)
     _undo(model, _all_sites(model))
     _restore_flags(model)
     return model
@@ -257,15 +251,14 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
 
     ``progress`` wraps the ``(path, site)`` pairs while they are folded (e.g. ``tqdm``), for long merges.
     """
+    if is_traced(model):
+        from . import graph
+
+        return graph.merge(model)
     sites = _all_sites(model)
     owners = _owners(model)
     folded = {}
     for path, site in (progress or iter)(sites.items()):
-        if site.weight.device.type == "meta":
-            raise MetaDeviceError(
-                f"cannot merge {path}: its weights are on the meta device (shapes only, no values), so there is "
-                "nothing to fold. Load real weights (e.g. model.to_empty(device='cpu') and load a checkpoint) first."
-            )
         W, b = site.fold()
         bad = [n for n, t in (("weight", W), ("bias", b)) if t is not None and not torch.isfinite(t).all()]
         bad += [n for n, t in site.adapter_tensors().items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -275,18 +268,7 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
                 "The model was left unchanged; check the learning rate or the loss, or surgery.restore(model)."
             )
         if (b is None) != (site.bias is None):
-            raise VariantContractError(
-                f"{site.variant.name}.fold changed whether {path} has a bias; this is a bug in the variant. "
-                "The model was left unchanged."
-            )
-        # checked for every site before any weight is written, so a bad fold cannot leave a half-merged model
-        if tuple(W.shape) != (site.d_out, site.d_in) or (b is not None and tuple(b.shape) != (site.d_out,)):
-            raise VariantContractError(
-                f"{site.variant.name}.fold returned W' of shape {tuple(W.shape)}"
-                f"{'' if b is None else f' and b of shape {tuple(b.shape)}'} at {path}; expected "
-                f"({site.d_out}, {site.d_in}) and ({site.d_out},). This is a bug in the variant; the model was "
-                "left unchanged."
-            )
+            raise RuntimeError(f"{site.variant.name}.fold changed whether {path} has a bias; this is a bug.")
         tied = [n for n in owners.get(id(site.weight), []) if n != f"{path}.weight"]
         folded[path] = (W, b, tied)
     for path, (W, b, tied) in folded.items():

@@ -1,0 +1,234 @@
+"""Graph scope: the same variant splice on a whole-model GraphModule from surgery.trace.
+
+Every case of tests/cases.py runs here too. Calibration cases (EVA) are skipped: graph scope does
+not run calibration (it raises GraphScopeError, tested below).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import surgery
+from adapters import LoRA
+from cases import CASES
+from models import GPT2, LLAMA, rel_err
+from surgery.errors import AlreadyRewrittenError, GraphScopeError, IdentityError, NoMatchError
+
+pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
+FAMILIES = [LLAMA, GPT2]  # aten.linear regions and Conv1D's view/addmm/view regions
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """family name -> (eager base, traced base); tests deepcopy them."""
+    out = {}
+    for fam in FAMILIES:
+        model = fam.model()
+        out[fam.name] = (model, surgery.trace(model, **fam.inputs()))
+    return out
+
+
+def fresh(traced, family):
+    model, gm = traced[family.name]
+    return copy.deepcopy(model), copy.deepcopy(gm)
+
+
+def randomise(model, scale=0.05, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            for t in s.adapter_tensors().values():
+                if isinstance(t, nn.Parameter):
+                    t.add_(scale * torch.randn(t.shape, generator=g).to(t))
+
+
+def skip_calibration(case):
+    if case.calibration:
+        pytest.skip("graph scope does not run calibration (EVA); rewrite the eager model instead")
+
+
+X = dict(batch=3, seq=7, seed=4)  # another shape than the one traced (2 x 6)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_every_case_in_graph_scope(case, family, traced):
+    """Identity at init and provenance; with the same adapter values, graph scope == module scope;
+    then merged == unmerged."""
+    skip_calibration(case)
+    model, gm = fresh(traced, family)
+    x = family.inputs(**X)
+    base = family.out(model, x)
+    surgery.rewrite(gm, case.variant, family.where)
+    sites = surgery.sites(gm)
+    assert list(sites) == surgery.plan(model, family.where).paths
+    err = rel_err(family.out(gm, x), base)
+    assert err <= case.identity, f"{case.id} on {family.name}: graph-scope identity error {err:.3g}"
+    stamped = {n.meta["surgery"]["site"] for n in gm.graph.nodes if "surgery" in n.meta}
+    assert stamped == set(sites)
+    assert all(n.meta["surgery"]["variant"] == case.variant.short() for n in gm.graph.nodes if "surgery" in n.meta)
+    keys = set(gm.state_dict())
+    for p, s in sites.items():
+        assert {f"{p}.{n}" for n in s.adapter_tensors()} <= keys
+    trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+    assert trainable == {f"{p}.{n}" for p, s in sites.items() for n, t in s.adapter_tensors().items()
+                         if isinstance(t, nn.Parameter)}
+    assert "trainable" in surgery.summary(gm)
+
+    surgery.rewrite(model, case.variant, family.where)
+    randomise(model)
+    eager_sites = surgery.sites(model)
+    with torch.no_grad():
+        for p, s in sites.items():
+            theirs = eager_sites[p].adapter_tensors()
+            for n, t in s.adapter_tensors().items():
+                t.copy_(theirs[n])
+            s.weight.copy_(eager_sites[p].weight)  # PiSSA's residual: same SVD, but copy to be exact
+    unmerged = family.out(gm, x)
+    assert rel_err(unmerged, base) > 1e-4, "randomised adapter changed nothing"
+    err = rel_err(unmerged, family.out(model, x))
+    assert err <= case.fold, f"{case.id} on {family.name}: graph vs module scope {err:.3g}"
+    surgery.merge(gm)
+    assert not surgery.sites(gm) and not any("surgery" in n.meta for n in gm.graph.nodes)
+    err = rel_err(family.out(gm, x), unmerged)
+    assert err <= case.fold, f"{case.id} on {family.name}: graph-scope fold error {err:.3g}"
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("lora", "pissa")], ids=str)
+def test_restore_is_bitwise_and_leaves_eager_model_alone(case, family, traced):
+    model, gm = fresh(traced, family)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    code = gm.code
+    x = family.inputs(**X)
+    ref = family.out(gm, x)
+    surgery.rewrite(gm, case.variant, family.where)
+    randomise(gm)
+    for k, v in model.state_dict().items():  # PiSSA's residual goes to a new Parameter, not the shared one
+        assert torch.equal(v, before[k]), f"rewrite wrote into the eager model's {k}"
+    surgery.restore(gm)
+    after = gm.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert gm.code == code
+    assert torch.equal(family.out(gm, x), ref)
+    assert all(p.requires_grad for p in gm.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_save_load_on_a_fresh_trace(family, traced, tmp_path):
+    _, gm = fresh(traced, family)
+    surgery.rewrite(gm, LoRA(r=4, alpha=8), family.where)
+    randomise(gm)
+    x = family.inputs(**X)
+    want = family.out(gm, x)
+    surgery.save(gm, tmp_path / "a.safetensors")
+    _, gm2 = fresh(traced, family)
+    surgery.load(gm2, tmp_path / "a.safetensors")
+    assert torch.equal(family.out(gm2, x), want)
+    with pytest.raises(AlreadyRewrittenError):
+        surgery.load(gm2, tmp_path / "a.safetensors")
+
+
+def test_graph_scope_trains(traced):
+    fam = LLAMA
+    _, gm = fresh(traced, fam)
+    surgery.rewrite(gm, LoRA(r=4), "*.v_proj")
+    x = fam.inputs(**X)
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        fam.out(gm, x).square().mean().backward()
+        opt.step()
+    for s in surgery.sites(gm).values():
+        for n, t in s.adapter_tensors().items():
+            assert t.grad is not None and t.grad.abs().max() > 0, f"{s.path}.{n} got no gradient"
+
+
+# ----- a hand-written expected graph (the style of torch's test_subgraph_rewriter) -----
+
+
+class One(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+def test_splice_produces_the_hand_written_graph():
+    torch.manual_seed(0)
+    model = One()
+    gm = surgery.trace(model, torch.randn(2, 4))
+    surgery.rewrite(gm, LoRA(r=2, alpha=4), "fc")
+
+    expected = fx.Graph()
+    x = expected.placeholder("x")
+    w = expected.get_attr("fc.weight")
+    b = expected.get_attr("fc.bias")
+    y = expected.call_module("fc", (x,))
+    a = expected.get_attr("fc.lora_A")
+    h = expected.call_function(torch._C._nn.linear, (x, a))
+    bb = expected.get_attr("fc.lora_B")
+    d = expected.call_function(torch._C._nn.linear, (h, bb))
+    s = expected.call_function(operator.mul, (d, 2.0))
+    out = expected.call_function(operator.add, (y, s))
+    expected.output(expected.call_function(torch.relu, (out,)))
+    del w, b  # present (the variant may read W and b), unused by LoRA
+
+    def shape(graph):
+        nodes = [n for n in graph.nodes if n.op != "call_function" or n.target is not torch.fx._symbolic_trace._assert_is_none]
+        index = {n: i for i, n in enumerate(nodes)}
+        return [(n.op, n.target, fx.graph.map_arg(n.args, lambda a: index[a])) for n in nodes]
+
+    gm.graph.lint()
+    assert shape(gm.graph) == shape(expected)
+    site = surgery.sites(gm)["fc"]
+    xin = torch.randn(5, 4)
+    with torch.no_grad():
+        site.adapter_tensors()["lora_B"].normal_()
+        A, B = site.adapter_tensors()["lora_A"], site.adapter_tensors()["lora_B"]
+        torch.testing.assert_close(gm(xin), torch.relu(F.linear(xin, model.fc.weight, model.fc.bias) + 2.0 * xin @ A.T @ B.T))
+    assert "lora_A" not in dict(model.fc.named_parameters()), "the eager leaf got the adapter tensors"
+
+
+# ----- errors and atomicity -----
+
+
+@dataclass(frozen=True)
+class BrokenLoRA(LoRA):  # not registered: a variant whose init breaks its identity promise
+    def init(self, site):
+        t = super().init(site)
+        t["lora_B"] = t["lora_B"] + 1.0
+        return t
+
+
+def test_failed_rewrite_leaves_graph_unchanged(traced):
+    _, gm = fresh(traced, LLAMA)
+    code, keys = gm.code, set(gm.state_dict())
+    with pytest.raises(IdentityError):
+        surgery.rewrite(gm, BrokenLoRA(r=2), LLAMA.where)
+    assert gm.code == code and set(gm.state_dict()) == keys and not surgery.sites(gm)
+    assert all(p.requires_grad for p in gm.parameters())
+
+
+def test_graph_scope_errors(traced):
+    _, gm = fresh(traced, GPT2)
+    with pytest.raises(NoMatchError, match="c_attn"):
+        surgery.rewrite(gm, LoRA(r=2), "*.c_atn")
+    surgery.rewrite(gm, LoRA(r=2), "*.attn.c_attn")
+    with pytest.raises(AlreadyRewrittenError):
+        surgery.rewrite(gm, LoRA(r=2), "*.c_attn")
+    eva = next((c.variant for c in CASES if c.calibration), None)
+    if eva is not None:
+        with pytest.raises(GraphScopeError, match="calibration"):
+            surgery.rewrite(gm, eva, "*.mlp.c_proj")
