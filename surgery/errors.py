@@ -94,6 +94,14 @@ class PeftFormatError(SurgeryError, ValueError):
     """An adapter that PEFT's format cannot express, or a PEFT adapter using a feature import_peft lacks."""
 
 
+class MetaDeviceError(SurgeryError, RuntimeError):
+    """Tensors are on the meta device (shapes only), so there are no values to fold or save."""
+
+
+class VariantContractError(SurgeryError, RuntimeError):
+    """A variant broke its contract (fold returned the wrong shape, dropped a bias): a bug in the variant."""
+
+
 class TraceError(SurgeryError, RuntimeError):
     """A model could not be captured as one whole-model graph (neither torch.fx nor torch.export)."""
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, AlreadyRewrittenError, BaseMismatchError
+from .errors import AdapterFileError, AlreadyRewrittenError, BaseMismatchError, MetaDeviceError
 from .inspect import sites
 from .rewrite import _all_sites, _restore_flags, _undo, apply_plan, candidates
 from .site import Site, adaptable, dims
@@ -49,10 +49,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        # writers such as safetensors' save_file leave 0o600 files: keep the old file's mode, else the umask's
+        mode = (path if path.is_file() else Path(tmp)).stat().st_mode & 0o777
         write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:  # on disk before the rename, so a crash leaves old or new, never half
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -66,6 +71,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     tensors, meta = {}, {}
     for p, s in sites.items():
         for name, t in s.adapter_tensors().items():
+            if t.device.type == "meta":
+                raise MetaDeviceError(
+                    f"cannot save {p}.{name}: it is on the meta device (shapes only, no values). Move the model "
+                    "to a real device with real weights (model.to_empty(device='cpu'), then load a checkpoint) "
+                    "and rewrite it there."
+                )
             tensors[f"{p}.{name}"] = t.detach().to("cpu").contiguous()
         meta[p] = {
             "variant": s.variant.name,
@@ -88,21 +99,33 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         head = f.read(8)
         if len(head) < 8:
             raise AdapterFileError(f"{path} is {size} bytes long: too short to be a safetensors file (truncated?).")
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        (n,) = struct.unpack("<Q", head)
+        valid = 0 < n <= min(_MAX_HEADER, size - 8)
+        # sniff for pickles only when the length is impossible: a real header of 128 + 256 k bytes
+        # also starts with 0x80
+        if not valid and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise AdapterFileError(
                 f"{path} looks like a pickle or a torch.save archive, not safetensors. model-surgery never "
                 "unpickles files (that can run arbitrary code); re-save the adapter with surgery.save."
             )
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > min(_MAX_HEADER, size - 8):
+        if not valid:
             raise AdapterFileError(
                 f"{path} is not a valid safetensors file: its header claims {n} bytes but the file has {size} "
                 "(truncated or not safetensors). Re-save the adapter with surgery.save."
             )
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise AdapterFileError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt.") from None
+    if not isinstance(header, dict) or not all(
+        k == "__metadata__" or (isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+                                and len(v["data_offsets"]) == 2 and all(type(o) is int for o in v["data_offsets"]))
+        for k, v in header.items()
+    ):
+        raise AdapterFileError(
+            f"{path}: the safetensors header is not a map of tensor name -> {{dtype, shape, data_offsets}}; "
+            "the file is corrupt or not safetensors. Re-save the adapter with surgery.save."
+        )
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise AdapterFileError(
@@ -114,7 +137,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Our metadata from an adapter file: format, version, sites (parsed), fingerprint."""
     meta = read_header(path).get("__metadata__") or {}
-    if meta.get("format") != FORMAT or "sites" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sites" not in meta:
         raise AdapterFileError(
             f"{path} is a safetensors file but not a model-surgery adapter (no '{FORMAT}' metadata). "
             "For a PEFT adapter directory use surgery.import_peft(model, directory)."
@@ -122,8 +145,21 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     try:
         version = int(meta.get("version", "0"))
         sites = json.loads(meta["sites"])
-    except (ValueError, json.JSONDecodeError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise AdapterFileError(f"{path}: unreadable model-surgery metadata ({e}).") from None
+    if not isinstance(sites, dict) or not sites:
+        raise AdapterFileError(
+            f"{path}: its model-surgery metadata lists no sites (got {str(sites)[:60]!r}); an adapter file maps "
+            "module paths to variants. Re-save the adapter with surgery.save."
+        )
+    for p, info in sites.items():
+        problem = _site_entry_problem(info)
+        if problem:
+            raise AdapterFileError(
+                f"{path}: malformed model-surgery metadata for site {p!r}: {problem}. Each site needs "
+                "{'variant': name, 'config': {...}, 'base': {'d_in': int, 'd_out': int, ...}}; re-save the "
+                "adapter with surgery.save."
+            )
     if version > VERSION:
         warnings.warn(
             f"{path} was written by a newer model-surgery (format version {version}, this one reads {VERSION}); "
@@ -131,6 +167,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             stacklevel=3,
         )
     return {"version": version, "sites": sites, "fingerprint": meta.get("fingerprint")}
+
+
+def _site_entry_problem(info: Any) -> str | None:
+    if not isinstance(info, dict):
+        return f"expected a dict, got {type(info).__name__}"
+    if not isinstance(info.get("variant"), str):
+        return f"'variant' must be a class name, got {info.get('variant')!r}"
+    config, base = info.get("config", {}), info.get("base", {})
+    if not isinstance(config, dict) or not isinstance(base, dict):
+        return "'config' and 'base' must be dicts"
+    dtype = config.get("dtype")
+    if dtype is not None and not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+        return f"config dtype {dtype!r} is not a torch dtype name such as 'float32'"
+    return None
 
 
 def fill(path: str | os.PathLike, built: dict[str, Any]) -> None:
@@ -190,7 +240,13 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             "shapes outside the adapted layers); the adapted layers match, so loading goes on.",
             stacklevel=2,
         )
+    try:  # safetensors' own checks (dtypes, offsets) before the model is touched
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as e:
+        raise AdapterFileError(f"{path}: safetensors cannot read this file ({e}); re-save the adapter.") from None
     first = not any(isinstance(m, Site) for m in cands.values())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     built = apply_plan(model, plan, loading=True)
     try:
         fill(path, built)
@@ -198,5 +254,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         _undo(model, built)
         if first:
             _restore_flags(model)
+        for p, flag in flags:
+            p.requires_grad_(flag)
         raise
     return model

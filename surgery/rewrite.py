@@ -21,8 +21,11 @@ from .errors import (
     DenseWeightError,
     IdentityError,
     NonFiniteError,
+    MetaDeviceError,
     NotRewrittenError,
     TiedWeightError,
+    UnsupportedModuleError,
+    VariantContractError,
     WhereTypeError,
 )
 from .site import Site, adaptable, build_site, dims, layout, linear_weight
@@ -63,6 +66,11 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
     """Splice ``variant`` into every module matched by ``where``, in place; returns ``model``."""
     from adapters.base import Variant
 
+    if isinstance(variant, type) and issubclass(variant, Variant):
+        raise WhereTypeError(
+            f"`variant` must be a variant config instance; got the class {variant.__name__} itself. "
+            f"Call it: surgery.rewrite(model, {variant.__name__}(r=8), where)."
+        )
     if not isinstance(variant, Variant):
         raise WhereTypeError(
             f"`variant` must be a variant config such as adapters.LoRA(r=8); got {type(variant).__name__} "
@@ -100,6 +108,13 @@ def site_init(path: str, leaf: nn.Module, variant: Variant, *, calibration=None,
             f"{variant.name} needs the dense base weight of {path}, which is "
             f"{'on the meta device' if isinstance(w, torch.Tensor) and w.device.type == 'meta' else f'of type {type(w).__name__}'}. "
             "Load real weights first, or use a variant that only needs the layer's shape (LoRA, IA3)."
+        )
+    if isinstance(w, torch.Tensor) and w.device.type != "meta" and not w.is_floating_point():
+        # the site traces the leaf's own forward, which cannot run on an integer weight
+        raise UnsupportedModuleError(
+            f"{path} has a weight of dtype {str(w.dtype).removeprefix('torch.')}, so it is not a float linear layer "
+            f"that {variant.name} can adapt (a quantised stand-in?). Dequantise it to a float dtype first, "
+            "or leave it out of `where`."
         )
     dt = torch.promote_types(w.dtype, torch.float32) if dense else torch.float32
     return SiteInit(
@@ -155,6 +170,9 @@ def apply_plan(model: nn.Module, plan: dict[str, Variant], *, states: dict[str, 
     first = not any(isinstance(m, Site) for m in modules.values())
     if first:
         model.__dict__[_FLAGS] = {n: p.requires_grad for n, p in model.named_parameters()}
+    flags_now = [(p, p.requires_grad) for p in model.parameters()]
+    # earlier sites' adapter tensors keep their flags: a second rewrite must not freeze the first
+    earlier = {id(t) for m in modules.values() if isinstance(m, Site) for t in m.adapter_tensors().values()}
     done: list[str] = []
     try:
         for path, site in built.items():
@@ -165,7 +183,8 @@ def apply_plan(model: nn.Module, plan: dict[str, Variant], *, states: dict[str, 
                 with torch.no_grad():
                     site.weight.copy_(linear_weight(new_weights[path], site.layout).to(site.weight.dtype))
         for p in model.parameters():
-            p.requires_grad_(False)
+            if id(p) not in earlier:
+                p.requires_grad_(False)
         for site in built.values():
             for t in site.adapter_tensors().values():
                 if isinstance(t, nn.Parameter):
@@ -176,6 +195,8 @@ def apply_plan(model: nn.Module, plan: dict[str, Variant], *, states: dict[str, 
         _undo(model, {p: built[p] for p in done})
         if first:
             _restore_flags(model)
+        for p, flag in flags_now:
+            p.requires_grad_(flag)
         raise
     return built
 
@@ -259,6 +280,11 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
     owners = _owners(model)
     folded = {}
     for path, site in (progress or iter)(sites.items()):
+        if site.weight.device.type == "meta":
+            raise MetaDeviceError(
+                f"cannot merge {path}: its weights are on the meta device (shapes only, no values), so there is "
+                "nothing to fold. Load real weights (e.g. model.to_empty(device='cpu') and load a checkpoint) first."
+            )
         W, b = site.fold()
         bad = [n for n, t in (("weight", W), ("bias", b)) if t is not None and not torch.isfinite(t).all()]
         bad += [n for n, t in site.adapter_tensors().items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -268,7 +294,18 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
                 "The model was left unchanged; check the learning rate or the loss, or surgery.restore(model)."
             )
         if (b is None) != (site.bias is None):
-            raise RuntimeError(f"{site.variant.name}.fold changed whether {path} has a bias; this is a bug.")
+            raise VariantContractError(
+                f"{site.variant.name}.fold changed whether {path} has a bias; this is a bug in the variant. "
+                "The model was left unchanged."
+            )
+        # checked for every site before any weight is written, so a bad fold cannot leave a half-merged model
+        if tuple(W.shape) != (site.d_out, site.d_in) or (b is not None and tuple(b.shape) != (site.d_out,)):
+            raise VariantContractError(
+                f"{site.variant.name}.fold returned W' of shape {tuple(W.shape)}"
+                f"{'' if b is None else f' and b of shape {tuple(b.shape)}'} at {path}; expected "
+                f"({site.d_out}, {site.d_in}) and ({site.d_out},). This is a bug in the variant; the model was "
+                "left unchanged."
+            )
         tied = [n for n in owners.get(id(site.weight), []) if n != f"{path}.weight"]
         folded[path] = (W, b, tied)
     for path, (W, b, tied) in folded.items():
