@@ -191,6 +191,14 @@ def require_positive_rank(variant: Variant, r: int) -> None:
         )
 
 
+def require_dropout(variant: Variant, p: float) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ConfigError(
+            f"{type(variant).__name__}: dropout must be in [0, 1), got dropout={p!r}. "
+            f"Use e.g. {type(variant).__name__}(dropout=0.1), or 0.0 for none."
+        )
+
+
 def require_rank_fits(variant: Variant, site: SiteInit, r: int) -> None:
     """For variants whose rank is bounded by the weight (SVD-based): r <= min(d_in, d_out)."""
     limit = min(site.d_in, site.d_out)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SiteInit, Variant, kaiming_uniform, register, require_positive_rank
+from .base import SiteInit, Variant, kaiming_uniform, register, require_dropout, require_positive_rank
 from surgery.errors import ConfigError
 
 
@@ -47,8 +47,7 @@ class DeLoRA(Variant):
 
     def __post_init__(self):
         require_positive_rank(self, self.r)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"DeLoRA: dropout must be in [0, 1), got dropout={self.dropout!r}.")
+        require_dropout(self, self.dropout)
         if not (isinstance(self.lambda0, (int, float)) and math.isfinite(self.lambda0) and self.lambda0 != 0):
             raise ConfigError(
                 f"DeLoRA: lambda0 must be a finite nonzero number, got lambda0={self.lambda0!r}; with lambda = 0 "

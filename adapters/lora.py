@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SiteInit, Variant, kaiming_uniform, lora_scaling, register, require_positive_rank
-from surgery.errors import ConfigError
+from .base import SiteInit, Variant, kaiming_uniform, lora_scaling, register, require_dropout, require_positive_rank
 
 
 @register
@@ -38,8 +37,7 @@ class LoRA(Variant):
 
     def __post_init__(self):
         require_positive_rank(self, self.r)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{self.name}: dropout must be in [0, 1), got dropout={self.dropout!r}.")
+        require_dropout(self, self.dropout)
 
     @property
     def scale(self) -> float:
