@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import DiffInputError
+from .rewrite import candidates
 from .site import Site, adaptable
 
 ADDED, REMOVED, CHANGED = "added", "removed", "changed"
@@ -308,18 +309,6 @@ def _graph_of(module: nn.Module) -> tuple[fx.Graph | None, str]:
     return None, ""
 
 
-def _modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Named submodules, without the internals of sites (their dropout is part of the site)."""
-    out, inside = {}, []
-    for path, mod in model.named_modules():
-        if not path or any(path.startswith(p + ".") for p in inside):
-            continue
-        out[path] = mod
-        if isinstance(mod, Site):
-            inside.append(path)
-    return out
-
-
 def _class(module: nn.Module | None) -> str | None:
     # a Site is a GraphModule subclass that fx names after the leaf it traced; call it what it is
     if module is None:
@@ -328,7 +317,7 @@ def _class(module: nn.Module | None) -> str | None:
 
 
 def _module_diff(before: nn.Module, after: nn.Module) -> Diff:
-    mb, ma = _modules(before), _modules(after)
+    mb, ma = candidates(before), candidates(after)
     groups: dict[str, Group] = {}
     for path in [*ma, *(p for p in mb if p not in ma)]:
         b, a = mb.get(path), ma.get(path)

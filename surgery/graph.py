@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from adapters.base import Variant
 
 from .errors import AlreadyRewrittenError, GraphScopeError, IdentityError, NonFiniteError, NotRewrittenError
-from .site import Site, SiteInfo, linear_weight, splice, trace_variant
+from .site import Site, SiteInfo, attach, linear_weight, splice, trace_variant
 from .trace import module_classes, module_path, route
 from .where import Matches, Where, match
 
@@ -199,14 +199,9 @@ def apply_plan(gm: fx.GraphModule, plan: dict[str, Variant], *, loading: bool = 
         if ctx.new_weight is not None:  # a new Parameter: the shared original stays untouched for restore
             w = linear_weight(ctx.new_weight, reg.layout).to(holder.weight.dtype).contiguous()
             holder.weight = nn.Parameter(w, requires_grad=False)
-        for name, t in tensors.items():
-            if name in variant.frozen:
-                holder.register_buffer(name, t)
-            else:
-                holder.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
-        modules = variant.modules()
-        for name, m in modules.items():
-            holder.add_module(name, m.train(gm.training))
+        modules = attach(holder, variant, tensors)
+        for m in modules.values():
+            m.train(gm.training)
         meta = {"site": path, "variant": variant.short()}
         with graph.inserting_before(reg.first):
             w_node = graph.get_attr(f"{path}.weight")

@@ -187,6 +187,19 @@ class Site(fx.GraphModule):
             return self.variant.fold(W, b, t)
 
 
+def attach(module: nn.Module, variant: Variant, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """Register a variant's tensors (``frozen`` ones as buffers) and modules on ``module``."""
+    for name, t in tensors.items():
+        if name in variant.frozen:
+            module.register_buffer(name, t)
+        else:
+            module.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
+    modules = variant.modules()
+    for name, m in modules.items():
+        module.add_module(name, m)
+    return modules
+
+
 def build_site(path: str, leaf: nn.Module, variant: Variant, ctx: SiteInit,
                tensors: dict[str, torch.Tensor]) -> Site:
     """Trace ``leaf``, splice ``variant`` into it, and return the Site (the model is not touched)."""
@@ -204,14 +217,7 @@ def build_site(path: str, leaf: nn.Module, variant: Variant, ctx: SiteInit,
     root = nn.Module()
     root.weight = leaf.weight
     root.bias = leaf.bias
-    for name, t in tensors.items():
-        if name in variant.frozen:
-            root.register_buffer(name, t)
-        else:
-            root.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
-    modules = variant.modules()
-    for name, m in modules.items():
-        root.add_module(name, m)
+    modules = attach(root, variant, tensors)
     live = {n: getattr(root, n) for n in tensors}
 
     base_dtype = leaf.weight.dtype
