@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/variants.py [--quick]
 
-Reference model: a 2-layer Llama (hidden 256, intermediate 688) built from a config with a fixed
+Reference model: a 2-layer Llama (hidden 256, intermediate 704, so ROAD's group_size 64 divides it) built from a config with a fixed
 seed; every variant adapts all seven projections. Errors are relative (max |diff| / max |base|)
 on random token batches: "identity" compares the freshly rewritten model with the base, "fold"
 compares merged with unmerged after the adapter tensors are randomised.
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    hidden, inter = (64, 128) if args.quick else (256, 688)
+    hidden, inter = (64, 128) if args.quick else (256, 704)
     g = torch.Generator().manual_seed(2)
     batches = [{"input_ids": torch.randint(0, 512, (4, 32), generator=g)} for _ in range(2)]
     rows = []
