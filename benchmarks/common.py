@@ -179,8 +179,12 @@ def trainable(model: torch.nn.Module) -> int:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, sync: Callable[[], None] = lambda: None,
-                progress=None) -> dict[str, list[float]]:
-    """Time each callable `reps` times, A B / B A alternating so neither side always runs first."""
+                progress=None, cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall time of each callable, `reps` times, A B / B A alternating so neither side always runs first.
+
+    If `cpu` is given it is filled with the process CPU time of the same calls: on a CPU shared with
+    other jobs, time spent descheduled inflates wall time but not CPU time.
+    """
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -190,10 +194,12 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, sync:
     for i in range(reps):
         for n in names if i % 2 == 0 else reversed(names):
             sync()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[n]()
             sync()
             times[n].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(n, []).append(time.process_time() - c0)
         if progress is not None:
             progress.update(1)
     return times
