@@ -214,8 +214,9 @@ def main(argv=None) -> int:
           f"Total {total:.0f} s.")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"quality-cpu{'-quick' if args.quick else ''}.json")
-    common.write_json(out, {"machine": info, "sizes": sz, "seeds": seeds, "learning_rates": {**{s.name: LR.get(s.name, LR_DEFAULT) for s in specs}}, "base_accuracy": base_acc,
-                            "pretrain_s": pre_s, "total_s": total, "rows": rows})
+    lrs = {s.name: LR.get(s.name, LR_DEFAULT) for s in specs}
+    common.write_json(out, {"machine": info, "sizes": sz, "seeds": seeds, "learning_rates": lrs,
+                            "base_accuracy": base_acc, "pretrain_s": pre_s, "total_s": total, "rows": rows})
     print(f"wrote {out}")
     return 0
 
