@@ -33,11 +33,6 @@ EXAMPLES = {  # one representative configuration per variant, as a user would wr
     "ROAD": dict(variant="road_1", group_size=64),
     "AntiPaSTO": dict(r=8),
 }
-PAPERS = {
-    "LoRA": "2106.09685", "PiSSA": "2404.02948", "DoRA": "2402.09353", "IA3": "2205.05638",
-    "HRA": "2405.17484", "DeLoRA": "2503.18225", "EVA": "2409.07871", "ROAD": "2409.00119",
-    "AntiPaSTO": "2601.07473",
-}
 
 
 def reference(hidden: int, inter: int, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -93,13 +88,13 @@ def main(argv=None) -> None:
         n, id32, fold32 = measure(variant, bases[torch.float32], batches)
         _, id16, fold16 = measure(variant, bases[torch.bfloat16], batches)
         spec = f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
-        rows.append((name, PAPERS[name], spec, n, 100 * n / total, id32, fold32, id16, fold16))
+        rows.append((name, spec, n, 100 * n / total, id32, fold32, id16, fold16))
     print(f"reference: 2-layer Llama, hidden {hidden}, intermediate {inter}, {total:,} parameters; "
           f"all seven projections adapted\n")
-    print("| variant | paper (arXiv) | config | trainable | % of model | identity fp32 | fold fp32 | identity bf16 | fold bf16 |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, paper, spec, n, pct, a, b, c, d in rows:
-        print(f"| {name} | {paper} | `{spec}` | {n:,} | {pct:.2f}% | {a:.1e} | {b:.1e} | {c:.1e} | {d:.1e} |")
+    print("| variant | config | trainable | % of model | identity fp32 | fold fp32 | identity bf16 | fold bf16 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, spec, n, pct, a, b, c, d in rows:
+        print(f"| {name} | `{spec}` | {n:,} | {pct:.2f}% | {a:.1e} | {b:.1e} | {c:.1e} | {d:.1e} |")
     if missing:
         print(f"\nnot available in this build: {', '.join(missing)}", file=sys.stderr)
 
