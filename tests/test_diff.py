@@ -237,3 +237,26 @@ def test_html_renders_in_a_browser(pair, tmp_path):
                          timeout=120).stdout
     assert "<svg" in dom and K0 in dom and K1 in dom
     assert "lora_a = self.lora_A" in dom  # the code, side by side
+
+
+def test_hand_written_expected_diff_node_by_node():
+    """A one-layer case whose diff is written out by hand, in the style of fx's rewriter tests."""
+    before = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False))
+    after = copy.deepcopy(before)
+    surgery.rewrite(after, LoRA(r=2, alpha=8), "0")
+    after[0].graph.lint()
+    d = surgery.diff(before, after)
+    expected_added = [  # (name, op, line): LoRA's branch, scale 8 / 2 = 4 folded into the add
+        ("lora_a", "get_attr", "+ lora_a = self.lora_A"),
+        ("linear_1", "call_function", "+ linear_1 = linear(input_1, lora_a)"),
+        ("lora_b", "get_attr", "+ lora_b = self.lora_B"),
+        ("linear_2", "call_function", "+ linear_2 = linear(linear_1, lora_b)"),
+        ("add", "call_function", "+ add = add(linear, linear_2, alpha=4)"),
+    ]
+    assert [(c.name, c.op, str(c)) for c in d.added] == expected_added
+    assert all(c.group == "0" for c in d.added)
+    assert d.removed == []
+    assert [(c.name, c.op, c.before, c.after, c.reason) for c in d.changed] == [
+        ("output", "output", "return linear", "return add", "arguments")
+    ]
+    assert d.classes == {"0": ("Linear", "Site")}
