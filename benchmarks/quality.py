@@ -16,7 +16,6 @@ weights, seed, batches, learning rate and step count; only the implementation di
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import os
 import statistics

@@ -241,8 +241,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             stacklevel=2,
         )
     try:  # safetensors' own checks (dtypes, offsets) before the model is touched
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
+        with safe_open(str(path), framework="pt"):
+            pass
     except Exception as e:
         raise AdapterFileError(f"{path}: safetensors cannot read this file ({e}); re-save the adapter.") from None
     first = not any(isinstance(m, Site) for m in cands.values())

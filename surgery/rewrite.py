@@ -28,7 +28,7 @@ from .errors import (
     VariantContractError,
     WhereTypeError,
 )
-from .site import Site, adaptable, build_site, dims, layout, linear_weight
+from .site import Site, adaptable, build_site, layout, linear_weight
 from .trace import is_traced
 from .where import Where, match
 

@@ -12,6 +12,7 @@ import copy
 import torch
 
 import surgery
+from models import rel_err
 
 
 def peft_key_to_ours(key: str, ours: set[str]) -> str | None:
@@ -52,3 +53,15 @@ def copy_from_peft(pm, ours: torch.nn.Module) -> int:
     missing = want - copied
     assert not missing, f"PEFT has no tensor for {sorted(missing)[:3]}"
     return len(copied)
+
+
+def assert_same_outputs(family, base, ours, pm, tol: float = 1e-5) -> float:
+    """Both models in eval mode give the same outputs, and PEFT's adapter is not the identity."""
+    pm.eval()
+    ours.eval()
+    x = family.inputs()
+    theirs = family.out(pm, x)
+    assert rel_err(theirs, family.out(base, x)) > 1e-3, "PEFT's adapter is still the identity"
+    err = rel_err(family.out(ours, x), theirs)
+    assert err <= tol, f"ours vs PEFT: {err:.3g} > {tol:g}"
+    return err
