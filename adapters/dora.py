@@ -47,20 +47,22 @@ class DoRA(LoRA):
         tensors["lora_magnitude_vector"] = m.to(dtype=site.dtype, device=site.device)
         return tensors
 
+    def scaled(self, B):
+        return B if self.scale == 1 else B * self.scale  # (d_out, r); no "* 1" node in the site's code
+
     def row_norm(self, weight, A, B):
         """||W + s B A||_row without forming the matrix; no gradient flows through it."""
-        A, Bs = A.detach(), B.detach() * self.scale  # (r, d_in), (d_out, r)
-        cross = weight.detach() @ A.t()  # (d_out, r)
-        n2 = weight.detach().pow(2).sum(1) + (Bs * (2 * cross + Bs @ (A @ A.t()))).sum(1)  # (d_out,)
+        W, At, Bs = weight.detach(), A.detach().t(), self.scaled(B.detach())  # (d_out, d_in), (d_in, r), (d_out, r)
+        n2 = W.pow(2).sum(1) + (Bs * (2 * (W @ At) + Bs @ (At.t() @ At))).sum(1)  # (d_out,)
         return n2.clamp_min(0).sqrt()  # rounding may push a vanishing row's n2 below 0
 
     def forward(self, x, y, weight, bias, t):
         g = t.lora_magnitude_vector / self.row_norm(weight, t.lora_A, t.lora_B)  # (d_out,)
         if self.dropout > 0:
             d = t.lora_dropout(x)  # (..., d_in)
-            lora = F.linear(F.linear(d, t.lora_A), t.lora_B * self.scale)  # (..., d_out)
+            lora = F.linear(F.linear(d, t.lora_A), self.scaled(t.lora_B))  # (..., d_out)
             return y + (g - 1) * F.linear(d, weight) + g * lora  # (..., d_out)
-        lora = F.linear(F.linear(x, t.lora_A), t.lora_B * self.scale)  # (..., d_out)
+        lora = F.linear(F.linear(x, t.lora_A), self.scaled(t.lora_B))  # (..., d_out)
         if bias is None:
             return (y + lora) * g  # (..., d_out)
         return torch.addcmul(bias, y - bias + lora, g)  # (..., d_out): b + g * (W x + s B A x)
