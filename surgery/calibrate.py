@@ -1,13 +1,15 @@
 """Calibration for data-driven variants (EVA): stream batches, hand each site its input rows.
 
-Temporary forward pre-hooks collect every matched leaf's input, drop padding positions when the
-batch carries an ``attention_mask``, and pass the rows to ``variant.observe`` batch by batch, so
-memory stays bounded by one batch. The hooks are always removed, even on error.
+Temporary taps see every matched site's input (forward pre-hooks on the leaves in module scope,
+tap nodes in a temporary copy of the graph in graph scope), drop padding positions when the batch
+carries an ``attention_mask``, and pass the rows to ``variant.observe`` batch by batch, so memory
+stays bounded by one batch. The taps are always removed, even on error.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
@@ -17,7 +19,8 @@ if TYPE_CHECKING:
     from adapters.base import Variant
 
 from .errors import CalibrationError
-from .site import dims
+
+Emit = Callable[[str, torch.Tensor], None]  # (site path, that site's input)
 
 
 def _call(model: nn.Module, batch: Any):
@@ -33,42 +36,55 @@ def _call(model: nn.Module, batch: Any):
     )
 
 
-def collect(model: nn.Module, variant: Variant, leaves: dict[str, nn.Module], calibration: Iterable[Any] | None) -> dict[str, Any]:
+@contextmanager
+def hooks(leaves: dict[str, nn.Module], emit: Emit):
+    """Module scope: a forward pre-hook on each leaf hands its input to ``emit``."""
+
+    def hook_for(path: str):
+        def hook(module, args, kwargs):
+            emit(path, args[0] if args else next(iter(kwargs.values())))
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(p), with_kwargs=True) for p, mod in leaves.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect(model: nn.Module, variant: Variant, paths: list[str], calibration: Iterable[Any] | None,
+            taps: Callable[[Emit], ContextManager]) -> dict[str, Any]:
+    """Run the batches with ``taps(emit)`` in place; return each path's ``observe`` state."""
     if calibration is None:
         raise CalibrationError(
             f"{variant.name} initialises from activations and needs calibration data: "
             f"surgery.rewrite(model, {variant.short()}, where, calibration=batches), where batches is an "
             "iterable of model inputs (dicts such as a tokenizer's output, tuples or tensors)."
         )
-    states: dict[str, Any] = {p: None for p in leaves}
+    states: dict[str, Any] = {p: None for p in paths}
     mask: list[torch.Tensor | None] = [None]
 
-    def hook_for(path: str, d_in: int):
-        def hook(module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach()
-            m = mask[0]
-            if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
-                rows = x[m]
-            else:
-                rows = x.reshape(-1, d_in)
-            states[path] = variant.observe(states[path], rows.float())
-        return hook
+    def emit(path: str, x: torch.Tensor) -> None:
+        x = x.detach()
+        m = mask[0]
+        if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
+            rows = x[m]
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        states[path] = variant.observe(states[path], rows.float())
 
-    handles = [mod.register_forward_pre_hook(hook_for(p, dims(mod)[0]), with_kwargs=True) for p, mod in leaves.items()]
     modes = [(m, m.training) for m in model.modules()]  # per module: model.train(was) would flatten mixed modes
     model.eval()
     n = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), taps(emit):
             for batch in tqdm(calibration, desc=f"{variant.name} calibration", unit="batch", leave=False):
                 am = batch.get("attention_mask") if isinstance(batch, dict) else None
                 mask[0] = None if am is None else am.bool()
                 _call(model, batch)
                 n += 1
     finally:
-        for h in handles:
-            h.remove()
         for m, mode in modes:
             m.training = mode
     if n == 0:

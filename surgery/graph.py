@@ -20,8 +20,9 @@ Every call builds on a copy of the graph and swaps it in at the end, undoing on 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -146,14 +147,46 @@ def resolve(gm: fx.GraphModule, where: Where) -> list[str]:
 
 
 def rewrite(gm: fx.GraphModule, variant: Variant, where: Where, *, calibration: Iterable[Any] | None = None):
-    if variant.needs_calibration:
-        raise GraphScopeError(
-            f"{variant.name} needs calibration, which graph scope does not run yet. Rewrite the eager model "
-            f"instead: surgery.rewrite(model, {variant.short()}, where, calibration=batches)."
-        )
     paths = resolve(gm, where)
-    apply_plan(gm, {p: variant for p in paths})
+    plan, states = {p: variant for p in paths}, {}
+    if variant.needs_calibration:
+        from .calibrate import collect
+
+        states = collect(gm, variant, paths, calibration, lambda emit: taps(gm, paths, emit))
+        plan = variant.configure(states)
+    apply_plan(gm, plan, states=states)
     return gm
+
+
+_EMIT: dict[int, Any] = {}  # live tap callbacks by id: graph arguments must be plain values
+
+
+def _tap(x: torch.Tensor, key: int, path: str) -> None:
+    _EMIT[key](path, x)
+
+
+
+@contextmanager
+def taps(gm: fx.GraphModule, paths: list[str], emit) -> Iterator[None]:
+    """Graph scope's calibration hooks: a temporary graph with a tap on each site's input node."""
+    found = regions(gm)
+    graph = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    key = id(emit)
+    for p in paths:
+        x = by_name[found[p].x.name]
+        with graph.inserting_after(x):
+            graph.call_function(_tap, (x, key, p))
+    old = gm.graph
+    _EMIT[key] = emit
+    gm.graph = graph
+    gm.recompile()
+    try:
+        yield
+    finally:
+        _EMIT.pop(key, None)
+        gm.graph = old
+        gm.recompile()
 
 
 def _holder(module: nn.Module) -> nn.Module:
@@ -173,7 +206,8 @@ def _set(gm: nn.Module, path: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
-def apply_plan(gm: fx.GraphModule, plan: dict[str, Variant], *, loading: bool = False) -> dict[str, "GraphSite"]:
+def apply_plan(gm: fx.GraphModule, plan: dict[str, Variant], *, loading: bool = False,
+               states: dict[str, Any] | None = None) -> dict[str, "GraphSite"]:
     """Splice each (path, variant) into a copy of the graph, then swap it in; all or nothing."""
     from .rewrite import site_init
 
@@ -192,7 +226,8 @@ def apply_plan(gm: fx.GraphModule, plan: dict[str, Variant], *, loading: bool = 
             )
         original = gm.get_submodule(path)
         holder = _holder(original)
-        ctx = site_init(path, holder, variant, loading=loading, lay=reg.layout)
+        ctx = site_init(path, holder, variant, loading=loading, lay=reg.layout,
+                        calibration=(states or {}).get(path))
         variant.check(ctx)
         tensors = variant.init(ctx)
         if ctx.new_weight is not None:  # a new Parameter: the shared original stays untouched for restore

@@ -86,10 +86,11 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
     plan = {p: variant for p in paths}
     states: dict[str, Any] = {}
     if variant.needs_calibration:
-        from .calibrate import collect
+        from .calibrate import collect, hooks
 
         modules = dict(model.named_modules())
-        states = collect(model, variant, {p: modules[p] for p in paths}, calibration)
+        leaves = {p: modules[p] for p in paths}
+        states = collect(model, variant, paths, calibration, lambda emit: hooks(leaves, emit))
         plan = variant.configure(states)
     apply_plan(model, plan, states=states)
     return model

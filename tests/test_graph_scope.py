@@ -1,7 +1,7 @@
 """Graph scope: the same variant splice on a whole-model GraphModule from surgery.trace.
 
-Every case of tests/cases.py runs here too. Calibration cases (EVA) are skipped: graph scope does
-not run calibration (it raises GraphScopeError, tested below).
+Every case of tests/cases.py runs here too, calibration cases (EVA) with the same batches as in
+module scope.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import surgery
 from adapters import LoRA
 from cases import CASES
 from models import GPT2, LLAMA, rel_err
-from surgery.errors import AlreadyRewrittenError, GraphScopeError, IdentityError, NoMatchError
+from surgery.errors import AlreadyRewrittenError, CalibrationError, IdentityError, NoMatchError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
 FAMILIES = [LLAMA, GPT2]  # aten.linear regions and Conv1D's view/addmm/view regions
@@ -49,9 +49,8 @@ def randomise(model, scale=0.05, seed=7):
                     t.add_(scale * torch.randn(t.shape, generator=g).to(t))
 
 
-def skip_calibration(case):
-    if case.calibration:
-        pytest.skip("graph scope does not run calibration (EVA); rewrite the eager model instead")
+def calibration_for(case, family):
+    return [family.inputs(batch=4, seq=8, seed=s) for s in range(3)] if case.calibration else None
 
 
 X = dict(batch=3, seq=7, seed=4)  # another shape than the one traced (2 x 6)
@@ -62,18 +61,28 @@ X = dict(batch=3, seq=7, seed=4)  # another shape than the one traced (2 x 6)
 def test_every_case_in_graph_scope(case, family, traced):
     """Identity at init and provenance; with the same adapter values, graph scope == module scope;
     then merged == unmerged."""
-    skip_calibration(case)
     model, gm = fresh(traced, family)
     x = family.inputs(**X)
     base = family.out(model, x)
-    surgery.rewrite(gm, case.variant, family.where)
+    calibration = calibration_for(case, family)
+    surgery.rewrite(gm, case.variant, family.where, calibration=calibration)
     sites = surgery.sites(gm)
-    assert list(sites) == surgery.plan(model, family.where).paths
+    surgery.rewrite(model, case.variant, family.where, calibration=calibration)
+    eager_sites = surgery.sites(model)
+    # EVA's rank redistribution may drop sites; it must drop the same ones in both scopes
+    assert list(sites) == list(eager_sites)
+    assert set(sites) <= set(surgery.plan(traced[family.name][0], family.where).paths)
+    for p, s in sites.items():  # same data-driven init in both scopes (LoRA-likes: same A up to sign)
+        if case.calibration:
+            a, b = s.adapter_tensors()["lora_A"], eager_sites[p].adapter_tensors()["lora_A"]
+            cos = (a * b).sum(1).abs() / (a.norm(dim=1) * b.norm(dim=1))
+            assert cos.min() >= 1 - 1e-4, f"{p}: graph-scope calibration saw other inputs"
     err = rel_err(family.out(gm, x), base)
     assert err <= case.identity, f"{case.id} on {family.name}: graph-scope identity error {err:.3g}"
     stamped = {n.meta["surgery"]["site"] for n in gm.graph.nodes if "surgery" in n.meta}
     assert stamped == set(sites)
-    assert all(n.meta["surgery"]["variant"] == case.variant.short() for n in gm.graph.nodes if "surgery" in n.meta)
+    assert all(n.meta["surgery"]["variant"] == sites[n.meta["surgery"]["site"]].variant.short()
+               for n in gm.graph.nodes if "surgery" in n.meta)
     keys = set(gm.state_dict())
     for p, s in sites.items():
         assert {f"{p}.{n}" for n in s.adapter_tensors()} <= keys
@@ -82,9 +91,7 @@ def test_every_case_in_graph_scope(case, family, traced):
                          if isinstance(t, nn.Parameter)}
     assert "trainable" in surgery.summary(gm)
 
-    surgery.rewrite(model, case.variant, family.where)
     randomise(model)
-    eager_sites = surgery.sites(model)
     with torch.no_grad():
         for p, s in sites.items():
             theirs = eager_sites[p].adapter_tensors()
@@ -228,5 +235,5 @@ def test_graph_scope_errors(traced):
         surgery.rewrite(gm, LoRA(r=2), "*.c_attn")
     eva = next((c.variant for c in CASES if c.calibration), None)
     if eva is not None:
-        with pytest.raises(GraphScopeError, match="calibration"):
+        with pytest.raises(CalibrationError, match="needs calibration data"):
             surgery.rewrite(gm, eva, "*.mlp.c_proj")
