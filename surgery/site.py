@@ -90,11 +90,17 @@ class _Splice(nn.Module):
         return out.to(b)
 
 
+def _tracer() -> fx.Tracer:
+    # no autowrapping of `math`: scanning globals for it was a third of rewrite time, and site code
+    # only ever calls math on Python numbers (fixed at trace time), never on tensors
+    return fx.Tracer(autowrap_modules=())
+
+
 def trace_variant(variant: Variant, tensors, modules, adapter_dtype, base_dtype, has_bias: bool,
                   site: SiteInfo) -> fx.Graph:
     holder = _Splice(variant, tensors, modules, adapter_dtype, base_dtype, site)
     concrete = None if has_bias else {"bias": None}
-    return fx.Tracer().trace(holder, concrete_args=concrete)
+    return _tracer().trace(holder, concrete_args=concrete)
 
 
 def splice(graph: fx.Graph, variant_graph: fx.Graph, *, x: fx.Node, y: fx.Node, weight: fx.Node,
@@ -204,7 +210,7 @@ def build_site(path: str, leaf: nn.Module, variant: Variant, ctx: SiteInit,
                tensors: dict[str, torch.Tensor]) -> Site:
     """Trace ``leaf``, splice ``variant`` into it, and return the Site (the model is not touched)."""
     lay = layout(leaf)
-    base_graph = fx.Tracer().trace(leaf)  # a graph owned by no module yet
+    base_graph = _tracer().trace(leaf)  # a graph owned by no module yet
     x = next(n for n in base_graph.nodes if n.op == "placeholder")
     out = next(n for n in base_graph.nodes if n.op == "output")
     y = out.args[0]
