@@ -300,8 +300,8 @@ def main(argv=None) -> int:
     if compiled:
         print("\n## torch.compile(fullgraph=True), eval forward\n")
         print(markdown(compiled, [("variant", "variant"), ("backend", "backend"), ("graph_breaks", "graph breaks"),
-                                  ("compile_s", "first call s"), ("max_abs_diff", "max |compiled - eager|"),
-                                  ("max_abs_logit", "max |logit|"), ("error", "error")]))
+                                  ("compile_s", "first call s"), ("max_abs_diff", "max abs(compiled - eager)"),
+                                  ("max_abs_logit", "max abs(logit)"), ("error", "error")]))
     for p in profiles:
         print("\n" + p)
 
