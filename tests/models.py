@@ -92,3 +92,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, in float64."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def randomise_adapters(model: nn.Module, scale: float = 0.05, seed: int = 7) -> None:
+    """Move every trainable adapter tensor off its init, reproducibly (for fold and round-trip tests)."""
+    import surgery
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            for t in s.adapter_tensors().values():
+                if isinstance(t, nn.Parameter):
+                    t.add_(scale * torch.randn(t.shape, generator=g).to(t))
+
+
+def calibration_batches(family: Family, case) -> list[dict[str, torch.Tensor]] | None:
+    """The calibration batches a contract case gets (EVA), else None."""
+    return [family.inputs(batch=4, seq=8, seed=s) for s in range(3)] if case.calibration else None

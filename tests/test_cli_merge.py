@@ -10,17 +10,8 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import surgery
 from adapters import REGISTRY
-from models import LLAMA, MINILM, minilm_path, rel_err
+from models import LLAMA, MINILM, minilm_path, randomise_adapters, rel_err
 from surgery.cli import load_model, main
-
-
-def randomise(model, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in surgery.sites(model).values():
-            for t in s.adapter_tensors().values():
-                if isinstance(t, torch.nn.Parameter):
-                    t.add_(0.1 * torch.randn(t.shape, generator=g).to(t))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +24,7 @@ def llama_dir(tmp_path_factory):
 def adapter_file(base_dir, variant, where, path):
     model = load_model(str(base_dir))
     surgery.rewrite(model, variant, where)
-    randomise(model)
+    randomise_adapters(model, scale=0.1, seed=5)
     surgery.save(model, path)
     return model.eval()
 

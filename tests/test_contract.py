@@ -9,25 +9,16 @@ import torch
 
 import surgery
 from cases import CASES
-from models import MINILM, TINY, rel_err
+from models import MINILM, TINY, calibration_batches, rel_err
+from models import randomise_adapters as randomise
 
 FAMILIES = TINY + [MINILM]
 
 
 def adapt(family, case, model=None, **kw):
     model = family.model(**kw) if model is None else model
-    calibration = [family.inputs(batch=4, seq=8, seed=s) for s in range(3)] if case.calibration else None
-    surgery.rewrite(model, case.variant, family.where, calibration=calibration)
+    surgery.rewrite(model, case.variant, family.where, calibration=calibration_batches(family, case))
     return model
-
-
-def randomise(model, scale=0.05, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in surgery.sites(model).values():
-            for t in s.adapter_tensors().values():
-                if isinstance(t, torch.nn.Parameter):
-                    t.add_(scale * torch.randn(t.shape, generator=g).to(t))
 
 
 @pytest.fixture(scope="module")

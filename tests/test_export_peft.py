@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import surgery
 from adapters import REGISTRY
 from cases import CASES
-from models import GPT2, LLAMA, rel_err
+from models import GPT2, LLAMA, calibration_batches, randomise_adapters, rel_err
 from surgery.errors import NotRewrittenError, PeftFormatError
 
 PEFT_REFUSES_CONV1D = {"HRA", "DeLoRA", "ROAD"}  # PEFT 0.21 raises TypeError on GPT-2's Conv1D for these
@@ -20,14 +20,8 @@ PEFT_REFUSES_CONV1D = {"HRA", "DeLoRA", "ROAD"}  # PEFT 0.21 raises TypeError on
 
 def adapted(family, case, base):
     model = copy.deepcopy(base)
-    calibration = [family.inputs(batch=4, seq=8, seed=s) for s in range(3)] if case.calibration else None
-    surgery.rewrite(model, case.variant, family.where, calibration=calibration)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for s in surgery.sites(model).values():
-            for t in s.adapter_tensors().values():
-                if isinstance(t, torch.nn.Parameter):
-                    t.add_(0.1 * torch.randn(t.shape, generator=g).to(t))
+    surgery.rewrite(model, case.variant, family.where, calibration=calibration_batches(family, case))
+    randomise_adapters(model, scale=0.1, seed=3)
     return model.eval()
 
 

@@ -18,7 +18,8 @@ from torch import nn
 import surgery
 from adapters import LoRA
 from cases import CASES
-from models import GPT2, LLAMA, rel_err
+from models import GPT2, LLAMA, calibration_batches, rel_err
+from models import randomise_adapters as randomise
 from surgery.errors import AlreadyRewrittenError, CalibrationError, IdentityError, NoMatchError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
@@ -40,19 +41,6 @@ def fresh(traced, family):
     return copy.deepcopy(model), copy.deepcopy(gm)
 
 
-def randomise(model, scale=0.05, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in surgery.sites(model).values():
-            for t in s.adapter_tensors().values():
-                if isinstance(t, nn.Parameter):
-                    t.add_(scale * torch.randn(t.shape, generator=g).to(t))
-
-
-def calibration_for(case, family):
-    return [family.inputs(batch=4, seq=8, seed=s) for s in range(3)] if case.calibration else None
-
-
 X = dict(batch=3, seq=7, seed=4)  # another shape than the one traced (2 x 6)
 
 
@@ -64,7 +52,7 @@ def test_every_case_in_graph_scope(case, family, traced):
     model, gm = fresh(traced, family)
     x = family.inputs(**X)
     base = family.out(model, x)
-    calibration = calibration_for(case, family)
+    calibration = calibration_batches(family, case)
     surgery.rewrite(gm, case.variant, family.where, calibration=calibration)
     sites = surgery.sites(gm)
     surgery.rewrite(model, case.variant, family.where, calibration=calibration)

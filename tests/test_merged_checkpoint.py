@@ -11,20 +11,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import surgery
 from adapters import REGISTRY
 from cases import CASES
-from models import LLAMA, rel_err
+from models import LLAMA, calibration_batches, randomise_adapters, rel_err
 from surgery.site import linear_weight
 
 
 def adapted(case, base, seed=3):
     model = copy.deepcopy(base)
-    calibration = [LLAMA.inputs(batch=4, seq=8, seed=s) for s in range(3)] if case.calibration else None
-    surgery.rewrite(model, case.variant, LLAMA.where, calibration=calibration)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in surgery.sites(model).values():
-            for t in s.adapter_tensors().values():
-                if isinstance(t, torch.nn.Parameter):
-                    t.add_(0.1 * torch.randn(t.shape, generator=g).to(t))
+    surgery.rewrite(model, case.variant, LLAMA.where, calibration=calibration_batches(LLAMA, case))
+    randomise_adapters(model, scale=0.1, seed=seed)
     return model.eval()
 
 
