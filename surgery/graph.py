@@ -31,7 +31,8 @@ from torch import nn
 if TYPE_CHECKING:
     from adapters.base import Variant
 
-from .errors import AlreadyRewrittenError, GraphScopeError, IdentityError, NonFiniteError, NotRewrittenError
+from .errors import AlreadyRewrittenError, GraphScopeError, NonFiniteError, NotRewrittenError
+from .rewrite import require_identity
 from .site import Site, SiteInfo, attach, linear_weight, splice, trace_variant
 from .trace import module_classes, module_path, route
 from .where import Matches, Where, match
@@ -328,15 +329,7 @@ def _check_identity(graph: fx.Graph, path: str, holder: nn.Module, w0: torch.Ten
         ref = torch.nn.functional.linear(x, linear_weight(w0, rec.layout), holder.bias)
         y = torch.nn.functional.linear(x, w, holder.bias)
         got = _region_module(graph, path, holder, rec).eval()(x, y)
-    scale = ref.abs().max().clamp_min(1e-12)
-    err = ((got.to(ref.dtype) - ref).abs().max() / scale).item()
-    tol = max(rec.variant.identity_tol, 16 * torch.finfo(ref.dtype).eps)
-    if not err <= tol:
-        raise IdentityError(
-            f"{rec.variant.short()} at {path} should start as the identity, but its output differs from the base "
-            f"by {err:.3g} (relative; allowed {tol:.1g}). This is a bug in the variant's init; the GraphModule "
-            "was left unchanged."
-        )
+    require_identity(rec.variant, path, got, ref, "GraphModule")
 
 
 class GraphSite:

@@ -210,14 +210,19 @@ def _check_identity(site: Site, x: torch.Tensor, ref: torch.Tensor) -> None:
             got = site(x)
     finally:
         site.train(was)
+    require_identity(site.variant, site.path, got, ref, "model")
+
+
+def require_identity(variant: Variant, path: str, got: torch.Tensor, ref: torch.Tensor, owner: str) -> None:
+    """Raise IdentityError unless ``got`` equals the base output ``ref`` within the variant's promise."""
     scale = ref.abs().max().clamp_min(1e-12)
     err = ((got.to(ref.dtype) - ref).abs().max() / scale).item()
-    tol = max(site.variant.identity_tol, 16 * torch.finfo(ref.dtype).eps)
+    tol = max(variant.identity_tol, 16 * torch.finfo(ref.dtype).eps)
     if not err <= tol:
         raise IdentityError(
-            f"{site.variant.short()} at {site.path} should start as the identity, but its output differs "
+            f"{variant.short()} at {path} should start as the identity, but its output differs "
             f"from the base by {err:.3g} (relative; allowed {tol:.1g}). This is a bug in the variant's init; "
-            "the model was left unchanged."
+            f"the {owner} was left unchanged."
         )
 
 
