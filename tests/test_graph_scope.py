@@ -27,13 +27,9 @@ FAMILIES = [LLAMA, GPT2]  # aten.linear regions and Conv1D's view/addmm/view reg
 
 
 @pytest.fixture(scope="module")
-def traced():
+def traced(traced_bases):
     """family name -> (eager base, traced base); tests deepcopy them."""
-    out = {}
-    for fam in FAMILIES:
-        model = fam.model()
-        out[fam.name] = (model, surgery.trace(model, **fam.inputs()))
-    return out
+    return {fam.name: traced_bases(fam) for fam in FAMILIES}
 
 
 def fresh(traced, family):

@@ -56,12 +56,8 @@ class DataBranch(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def hf_traced():
-    out = {}
-    for fam in HF:
-        model = fam.model()
-        out[fam.name] = (model, surgery.trace(model, **fam.inputs()))
-    return out
+def hf_traced(traced_bases):
+    return {fam.name: traced_bases(fam) for fam in HF}
 
 
 @pytest.mark.parametrize("family", HF, ids=lambda f: f.name)
