@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .base import SiteInit, Variant, register, require_positive_rank, require_rank_fits
+from surgery.variant import SiteInit, Variant, register, require_positive_rank, require_rank_fits
 from surgery.errors import ConfigError
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import SiteInit, register
+from surgery.variant import SiteInit, register
 from .lora import LoRA
 
 

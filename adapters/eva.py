@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SiteInit, register
+from surgery.variant import SiteInit, register
 from .lora import LoRA
 from surgery.errors import CalibrationError, ConfigError
 

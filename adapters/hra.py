@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import SiteInit, Variant, kaiming_uniform, register, require_positive_rank
+from surgery.variant import SiteInit, Variant, kaiming_uniform, register, require_positive_rank
 from surgery.errors import ConfigError
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import SiteInit, Variant, register
+from surgery.variant import SiteInit, Variant, register
 from surgery.errors import ConfigError, DenseWeightError
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SiteInit, Variant, kaiming_uniform, lora_scaling, register, require_dropout, require_positive_rank
+from surgery.variant import SiteInit, Variant, kaiming_uniform, lora_scaling, register, require_dropout, require_positive_rank
 
 
 @register

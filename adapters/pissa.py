@@ -11,7 +11,7 @@ A LoRA whose factors start as the top-r singular part of W, with the base holdin
 Identity at init: up to rounding W_res to the base dtype. Measured max |dy| / max |y| on the tiny
 test models: at most 2.4e-7 in float32 and 5.2e-3 on a bfloat16 base (tests/test_pissa.py).
 Fold: W' = W_res + s B A (LoRA's fold on the residual base); ``surgery.restore`` gives the original
-W back bitwise, because the engine keeps it when ``modifies_base`` is set.
+W back bitwise, because the engine keeps the original whenever ``init`` calls ``replace_weight``.
 Requires: the dense base weight; r <= min(d_in, d_out).
 
 As PEFT's ``init_lora_weights="pissa"`` / ``"pissa_niter_N"`` (dividing S by s goes beyond the
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SiteInit, register, require_rank_fits
+from surgery.variant import SiteInit, register, require_rank_fits
 from .lora import LoRA
 from surgery.errors import ConfigError
 
@@ -41,7 +41,6 @@ class PiSSA(LoRA):
     niter: int | None = None  # None: exact SVD; N: torch.svd_lowrank with N subspace iterations
 
     identity_tol = 1e-5
-    modifies_base = True
     needs_weight = True
 
     def __post_init__(self):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SiteInit, Variant, register
+from surgery.variant import SiteInit, Variant, register
 from surgery.errors import ConfigError
 
 _SIZES = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # tensor length per output unit

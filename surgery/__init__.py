@@ -7,15 +7,57 @@
     print(surgery.summary(model))
     surgery.save(model, "lora.safetensors")
     surgery.merge(model)
+
+The public names load their modules on first use, so ``import adapters`` (which needs only
+``surgery.variant`` and ``surgery.errors``) does not load the engine.
 """
 
-from . import errors
-from .diff import Diff, diff
-from .inspect import Plan, plan, sites, summary
-from .io import load, save
-from .peft_format import export_peft, import_peft
-from .rewrite import merge, restore, rewrite
-from .site import Site
-from .trace import is_traced, trace
+from __future__ import annotations
 
-__all__ = ["trace", "is_traced", "rewrite", "plan", "sites", "summary", "merge", "restore", "save", "load", "export_peft", "import_peft", "diff", "Diff", "Site", "Plan", "errors"]
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+
+_PUBLIC = {  # name -> module that defines it
+    "trace": "capture", "is_traced": "capture",
+    "rewrite": "ops", "merge": "ops", "restore": "ops",
+    "plan": "inspect", "sites": "inspect", "summary": "inspect", "Plan": "inspect",
+    "save": "io", "load": "io",
+    "export_peft": "peft_format", "import_peft": "peft_format",
+    "diff": "compare", "Diff": "compare",
+    "Site": "site", "SiteAPI": "site",
+}
+__all__ = [*_PUBLIC, "errors"]
+
+if TYPE_CHECKING:
+    from .capture import is_traced, trace
+    from .compare import Diff, diff
+    from .inspect import Plan, plan, sites, summary
+    from .io import load, save
+    from .ops import merge, restore, rewrite
+    from .peft_format import export_peft, import_peft
+    from .site import Site, SiteAPI
+
+
+class _Surgery(types.ModuleType):
+    """This package's module type: each public name is a property that imports its module on first use.
+
+    Properties, not a module-level ``__getattr__``: libraries that mount attributes on ``object``
+    (nnsight mounts ``save``) would otherwise shadow ``surgery.save`` before ``__getattr__`` is asked.
+    """
+
+
+def _public(name: str, module: str) -> property:
+    return property(lambda self: getattr(importlib.import_module(f"{__name__}.{module}"), name))
+
+
+for _name, _module in _PUBLIC.items():
+    setattr(_Surgery, _name, _public(_name, _module))
+sys.modules[__name__].__class__ = _Surgery
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,26 +1,24 @@
 """Calibration for data-driven variants (EVA): stream batches, hand each site its input rows.
 
-Temporary taps see every matched site's input (forward pre-hooks on the leaves in module scope,
-tap nodes in a temporary copy of the graph in graph scope), drop padding positions when the batch
+The scope's temporary taps see every matched site's input (forward pre-hooks on the leaves in module
+scope, tap nodes in a temporary copy of the graph in graph scope), drop padding positions when the batch
 carries an ``attention_mask``, and pass the rows to ``variant.observe`` batch by batch, so memory
 stays bounded by one batch. The taps are always removed, even on error.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from adapters.base import Variant
-
 from .errors import CalibrationError
+from .variant import Variant
 
-Emit = Callable[[str, torch.Tensor], None]  # (site path, that site's input)
+if TYPE_CHECKING:  # only for annotations: scopes do not import this module
+    from .scope import Scope
 
 
 def _call(model: nn.Module, batch: Any):
@@ -36,26 +34,9 @@ def _call(model: nn.Module, batch: Any):
     )
 
 
-@contextmanager
-def hooks(leaves: dict[str, nn.Module], emit: Emit):
-    """Module scope: a forward pre-hook on each leaf hands its input to ``emit``."""
-
-    def hook_for(path: str):
-        def hook(module, args, kwargs):
-            emit(path, args[0] if args else next(iter(kwargs.values())))
-        return hook
-
-    handles = [mod.register_forward_pre_hook(hook_for(p), with_kwargs=True) for p, mod in leaves.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def collect(model: nn.Module, variant: Variant, paths: list[str], calibration: Iterable[Any] | None,
-            taps: Callable[[Emit], ContextManager]) -> dict[str, Any]:
-    """Run the batches with ``taps(emit)`` in place; return each path's ``observe`` state."""
+def collect(scope: Scope, variant: Variant, paths: list[str], calibration: Iterable[Any] | None) -> dict[str, Any]:
+    """Run the batches with the scope's taps on ``paths``; return each path's ``observe`` state."""
+    model = scope.model
     if calibration is None:
         raise CalibrationError(
             f"{variant.name} initialises from activations and needs calibration data: "
@@ -75,10 +56,11 @@ def collect(model: nn.Module, variant: Variant, paths: list[str], calibration: I
         states[path] = variant.observe(states[path], rows.float())
 
     modes = [(m, m.training) for m in model.modules()]  # per module: model.train(was) would flatten mixed modes
-    model.eval()
+    for m, _ in modes:  # the flag itself: a GraphModule from torch.export refuses .eval()
+        m.training = False
     n = 0
     try:
-        with torch.no_grad(), taps(emit):
+        with torch.no_grad(), scope.taps(paths, emit):
             for batch in tqdm(calibration, desc=f"{variant.name} calibration", unit="batch", leave=False):
                 am = batch.get("attention_mask") if isinstance(batch, dict) else None
                 mask[0] = None if am is None else am.bool()

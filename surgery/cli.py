@@ -104,7 +104,7 @@ def load_model(directory: str):
 
 def _variant_text(info: dict[str, Any]) -> str:
     """A site's variant as ``LoRA(r=4)``; a variant this version does not know is shown in full."""
-    from adapters.base import variant_from_config
+    from .variant import variant_from_config
 
     config = info.get("config", {})
     try:
@@ -163,7 +163,8 @@ def diff(args: argparse.Namespace) -> int | None:
     import copy
     from pathlib import Path
 
-    from . import diff as compute, rewrite
+    from .compare import diff as compute
+    from .ops import rewrite
 
     variant = parse_variant(args.variant)
     kinds = {".txt": "text", ".svg": "svg", ".html": "html", ".htm": "html"}
@@ -218,7 +219,7 @@ def merge(args: argparse.Namespace) -> int | None:
 
     from tqdm import tqdm
 
-    from .rewrite import merge as fold
+    from .ops import merge as fold
 
     model = load_model(args.model_dir)
     _apply_adapter(model, args.adapter)

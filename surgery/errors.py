@@ -99,7 +99,8 @@ class MetaDeviceError(SurgeryError, RuntimeError):
 
 
 class VariantContractError(SurgeryError, RuntimeError):
-    """A variant broke its contract (fold returned the wrong shape, dropped a bias): a bug in the variant."""
+    """A variant broke its contract: its forward cannot be traced, its init or fold failed or returned the
+    wrong shape or dropped a bias. A bug in the variant; the message names the variant and the rule."""
 
 
 class TraceError(SurgeryError, RuntimeError):
@@ -108,3 +109,7 @@ class TraceError(SurgeryError, RuntimeError):
 
 class GraphScopeError(SurgeryError, ValueError):
     """An operation on a traced GraphModule that graph scope cannot do (a module called twice, say)."""
+
+
+class RegistrationError(SurgeryError, TypeError):
+    """@register got something other than a Variant class, or a name that is already taken."""

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .rewrite import candidates
-from .site import Site, adaptable
-from .trace import is_traced
-from .where import Matches, Where, match
+from .ops import matches
+from .scope import scope_of
+from .site import SiteAPI
+from .where import Matches, Where
 
 
 @dataclass
@@ -56,21 +56,13 @@ class Plan:
 
 def plan(model: nn.Module, where: Where) -> Plan:
     """Dry run: which adaptable paths each pattern hits (patterns that hit nothing show 0)."""
-    if is_traced(model):
-        from . import graph
-
-        return Plan(graph.matches(model, where, strict=False))
-    cands = candidates(model)
-    return Plan(match(cands, lambda m: adaptable(m) or isinstance(m, Site), where, strict=False))
+    return Plan(matches(scope_of(model), where, strict=False))
 
 
-def sites(model: nn.Module) -> dict[str, Site]:
-    """Every site of the model by module path, in model order."""
-    if is_traced(model):
-        from . import graph
-
-        return graph.sites(model)
-    return {p: m for p, m in model.named_modules() if isinstance(m, Site)}
+def sites(model: nn.Module) -> dict[str, SiteAPI]:
+    """Every site of the model by module path, in model order (module scope: ``Site`` modules;
+    graph scope: ``GraphSite`` views); both have the same interface (``surgery/site.py``)."""
+    return scope_of(model).sites()
 
 
 def summary(model: nn.Module) -> str:

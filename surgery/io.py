@@ -9,7 +9,6 @@ of tensor data, and anything that is not safetensors is refused.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -24,22 +23,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, AlreadyRewrittenError, BaseMismatchError, MetaDeviceError
-from .inspect import sites
-from .rewrite import _all_sites, _restore_flags, _undo, apply_plan, candidates
-from .site import Site, adaptable, dims
-from .trace import is_traced
+from .errors import AdapterFileError, MetaDeviceError
+from .ops import all_sites, check_targets, fill_value, install
+from .scope import Scope, scope_of
+from .site import SiteAPI
+from .variant import variant_from_config
 
 FORMAT = "model-surgery"
 VERSION = 1
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def fingerprint(model: nn.Module) -> str:
+def fingerprint(scope: Scope) -> str:
     """Hash of the base model's state_dict names and shapes (adapter tensors excluded)."""
-    adapter = {f"{p}.{n}" for p, s in sites(model).items() for n in s.adapter_tensors()}
+    adapter = {f"{p}.{n}" for p, s in scope.sites().items() for n in s.adapter_tensors()}
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted(scope.model.state_dict().items()):
         if k not in adapter:
             h.update(f"{k}:{tuple(v.shape)};".encode())
     return h.hexdigest()[:16]
@@ -67,7 +66,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter (tensors + configs + base fingerprint) to a safetensors file, atomically."""
-    sites = _all_sites(model)
+    scope = scope_of(model)
+    sites = all_sites(scope)
     tensors, meta = {}, {}
     for p, s in sites.items():
         for name, t in s.adapter_tensors().items():
@@ -85,7 +85,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
                      "dtype": str(s.weight.dtype).removeprefix("torch.")},
         }
     metadata = {"format": FORMAT, "version": str(VERSION), "sites": json.dumps(meta),
-                "fingerprint": fingerprint(model)}
+                "fingerprint": fingerprint(scope)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -183,58 +183,22 @@ def _site_entry_problem(info: Any) -> str | None:
     return None
 
 
-def fill(path: str | os.PathLike, built: dict[str, Any]) -> None:
-    """Copy the file's tensors into freshly built sites (any object with ``adapter_tensors()``)."""
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        for p, s in built.items():
-            for name, t in s.adapter_tensors().items():
-                key = f"{p}.{name}"
-                if key not in keys:
-                    raise AdapterFileError(f"{path} lacks tensor {key!r} that {s.variant.short()} needs; the file is incomplete.")
-                v = f.get_tensor(key)
-                if v.shape != t.shape:
-                    raise BaseMismatchError(
-                        f"{path}: tensor {key} has shape {tuple(v.shape)}, but {s.variant.short()} at {p} "
-                        f"expects {tuple(t.shape)}. The file does not belong to this base or config."
-                    )
-                with torch.no_grad():
-                    t.copy_(v)
-
-
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rewrite a fresh base as recorded in ``path`` and fill in the saved tensors; returns ``model``."""
-    from adapters.base import variant_from_config
+    """Rewrite a fresh base as recorded in ``path`` and fill in the saved tensors; returns ``model``.
 
+    Every target is checked against the model first; each site is then built and filled from the file
+    before any of them goes in, so a bad file leaves the model as it was.
+    """
     meta = read_metadata(path)
     plan = {p: variant_from_config(info["variant"], info.get("config", {})) for p, info in meta["sites"].items()}
-    if is_traced(model):
-        from .graph import load as load_graph
-
-        return load_graph(model, path, meta, plan)
-    cands = candidates(model)
+    scope = scope_of(model)
+    targets = {}
     for p, info in meta["sites"].items():
         base = info.get("base", {})
-        mod = cands.get(p)
-        if mod is None:
-            close = difflib.get_close_matches(p, list(cands), n=2, cutoff=0.0)
-            raise BaseMismatchError(
-                f"{path} was saved for another base: it adapts {p}, which this model does not have "
-                f"(closest: {', '.join(close) or 'none'}). Load it onto the base it was trained on."
-            )
-        if isinstance(mod, Site):
-            raise AlreadyRewrittenError(
-                f"{p} is already rewritten; load onto a fresh base (or surgery.restore(model) first)."
-            )
-        if not adaptable(mod):
-            raise BaseMismatchError(f"{path} adapts {p}, but in this model {p} is a {type(mod).__name__}, not a linear layer.")
         want = (base.get("d_in"), base.get("d_out"))
-        if dims(mod) != want:
-            raise BaseMismatchError(
-                f"{path} was saved for another base: {p} had in/out {want[0]}x{want[1]}, this model's is "
-                f"{dims(mod)[0]}x{dims(mod)[1]}. Load it onto the base it was trained on."
-            )
-    if meta["fingerprint"] and meta["fingerprint"] != fingerprint(model):
+        targets[p] = want if None not in want else None
+    check_targets(scope, targets, str(path))
+    if meta["fingerprint"] and meta["fingerprint"] != fingerprint(scope):
         warnings.warn(
             f"{path}: the base model differs from the one the adapter was saved on (other parameters or "
             "shapes outside the adapted layers); the adapted layers match, so loading goes on.",
@@ -245,16 +209,15 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             pass
     except Exception as e:
         raise AdapterFileError(f"{path}: safetensors cannot read this file ({e}); re-save the adapter.") from None
-    first = not any(isinstance(m, Site) for m in cands.values())
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    built = apply_plan(model, plan, loading=True)
-    try:
-        fill(path, built)
-    except BaseException:
-        _undo(model, built)
-        if first:
-            _restore_flags(model)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        raise
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+
+        def fill(p: str, site: SiteAPI) -> None:
+            for name, t in site.adapter_tensors().items():
+                key = f"{p}.{name}"
+                if key not in keys:
+                    raise AdapterFileError(f"{path} lacks tensor {key!r} that {site.variant.short()} needs; the file is incomplete.")
+                fill_value(str(path), key, f.get_tensor(key), t, site)
+
+        install(scope, plan, loading=True, fill=fill)
     return model

@@ -26,7 +26,6 @@ Rules that PEFT's format imposes:
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -41,10 +40,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, AlreadyRewrittenError, BaseMismatchError, PeftFormatError
+from .errors import AdapterFileError, PeftFormatError
 from .io import atomic_write, read_header
-from .rewrite import _all_sites, _restore_flags, _undo, apply_plan, candidates
-from .site import Site, adaptable, dims, linear_weight
+from .ops import all_sites, check_targets, fill_value, install
+from .scope import scope_of
+from .site import SiteAPI
+from .site import dims, linear_weight
+from .variant import REGISTRY
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -97,20 +99,6 @@ class _Part:
     feedforward: bool = False  # IA3: input-side scaling
 
 
-def _fold64(site: Site, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The site's fold applied to W (nn.Linear layout), in float64 so a delta's rank is not rounding."""
-    t = SimpleNamespace(site=site.info, **{n: v.detach().double() for n, v in site.adapter_tensors().items()})
-    b = None if site.bias is None else site.bias.detach().double()
-    with torch.no_grad():
-        return site.variant.fold(W.double(), b, t)
-
-
-def _orig_weight(site: Site) -> torch.Tensor:
-    """The base weight before the variant touched it, nn.Linear layout."""
-    w = site._orig_weight if site._orig_weight is not None else site.weight.detach()
-    return linear_weight(w, site.layout)
-
-
 def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """delta (d_out, d_in) ~ B A with A (rank, d_in), B (d_out, rank): the top `rank` of its SVD."""
     U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
@@ -129,15 +117,15 @@ def _lora_tensors(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> dict[
     return {"lora_A.weight": A.to(dtype).contiguous(), "lora_B.weight": B.to(dtype).contiguous()}
 
 
-def _export_lora(site: Site) -> _Part:
+def _export_lora(site: SiteAPI) -> _Part:
     v, ts = site.variant, site.adapter_tensors()
     A, B = ts["lora_A"].detach(), ts["lora_B"].detach()  # (r, d_in), (d_out, r)
     r, alpha = v.r, v.alpha
-    if site._orig_weight is not None:
+    if site.replaced_base:
         # PEFT re-runs no custom init on load, so the residual base must become part of the adapter:
         # s B0 A0 = W_orig - W_res, and W_orig + s (B A - B0 A0) = W_res + s B A.
         W_res = linear_weight(site.weight.detach(), site.layout)
-        A0, B0 = _factor((_orig_weight(site).double() - W_res.double()) / v.scale, A.shape[0])
+        A0, B0 = _factor((site.original_weight.double() - W_res.double()) / v.scale, A.shape[0])
         A, B = torch.cat([A.double(), A0]), torch.cat([B.double(), -B0], dim=1)
         grown = A.shape[0] / r
         r, alpha = A.shape[0], alpha * (math.sqrt(grown) if v.rslora else grown)
@@ -145,7 +133,7 @@ def _export_lora(site: Site) -> _Part:
     return _Part("LORA", _lora_tensors(A, B, ts["lora_A"].dtype), shared, r=r, alpha=alpha)
 
 
-def _export_dora(site: Site) -> _Part:
+def _export_dora(site: SiteAPI) -> _Part:
     v, ts = site.variant, site.adapter_tensors()
     tensors = _lora_tensors(ts["lora_A"].detach(), ts["lora_B"].detach(), ts["lora_A"].dtype)
     tensors["lora_magnitude_vector"] = ts["lora_magnitude_vector"].detach()
@@ -153,10 +141,10 @@ def _export_dora(site: Site) -> _Part:
                  r=v.r, alpha=v.alpha)
 
 
-def _plain(peft_type: str, **shared_of: Callable[[Any], Any]) -> Callable[[Site], _Part]:
+def _plain(peft_type: str, **shared_of: Callable[[Any], Any]) -> Callable[[SiteAPI], _Part]:
     """A variant whose tensors carry PEFT's names unchanged; ``shared_of`` maps config fields."""
 
-    def export(site: Site) -> _Part:
+    def export(site: SiteAPI) -> _Part:
         if site.layout != "linear" and peft_type in ("HRA", "DELORA", "ROAD"):
             raise PeftFormatError(
                 f"{site.variant.short()} at {site.path} sits on a GPT-2 Conv1D, which PEFT's {peft_type} refuses "
@@ -170,15 +158,15 @@ def _plain(peft_type: str, **shared_of: Callable[[Any], Any]) -> Callable[[Site]
     return export
 
 
-def _export_ia3(site: Site) -> _Part:
+def _export_ia3(site: SiteAPI) -> _Part:
     l = site.adapter_tensors()["ia3_l"].detach()
     return _Part("IA3", {"ia3_l": l}, feedforward=tuple(l.shape) == (1, site.d_in) and site.d_out != 1)
 
 
-def _export_delta(site: Site) -> _Part:
+def _export_delta(site: SiteAPI) -> _Part:
     """A variant with no PEFT peer: its fold minus the original weight, as an exact LoRA."""
-    W0 = _orig_weight(site).double()
-    W1, b1 = _fold64(site, linear_weight(site.weight.detach(), site.layout))
+    W0 = site.original_weight.double()
+    W1, b1 = site.fold(torch.float64)  # in float64, so the delta's rank is not rounding
     if site.bias is not None and not torch.allclose(b1, site.bias.detach().double(), rtol=0, atol=1e-12):
         raise PeftFormatError(
             f"{site.variant.short()} at {site.path} changes the bias, which a PEFT LoRA cannot express. "
@@ -200,7 +188,7 @@ def _export_delta(site: Site) -> _Part:
     return _Part("LORA", _lora_tensors(A, B, dtype), {"use_dora": False}, r=A.shape[0], alpha=None)
 
 
-_EXPORT: dict[str, Callable[[Site], _Part]] = {
+_EXPORT: dict[str, Callable[[SiteAPI], _Part]] = {
     "LoRA": _export_lora,  # PiSSA and EVA inherit it along the MRO
     "DoRA": _export_dora,
     "IA3": _export_ia3,
@@ -210,7 +198,7 @@ _EXPORT: dict[str, Callable[[Site], _Part]] = {
 }
 
 
-def _exporter(site: Site) -> Callable[[Site], _Part]:
+def _exporter(site: SiteAPI) -> Callable[[SiteAPI], _Part]:
     for cls in type(site.variant).__mro__:
         if cls.__name__ in _EXPORT:
             return _EXPORT[cls.__name__]
@@ -243,7 +231,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     ``peft.PeftModel.from_pretrained(original_base, directory)`` then reproduces this model.
     Both files are written atomically (temporary file + rename), tensors first.
     """
-    sites = _all_sites(model)
+    scope = scope_of(model)
+    sites = all_sites(scope)
     parts = {p: _exporter(s)(s) for p, s in sites.items()}
     types = {p: part.peft_type for p, part in parts.items()}
     if len(set(types.values())) > 1:
@@ -285,7 +274,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         alphas = {p: part.alpha if part.alpha is not None else float(root(part.r)) for p, part in parts.items()}
         config["lora_alpha"] = _most_common(alphas)
         config["alpha_pattern"] = _pattern(alphas, config["lora_alpha"])
-    config["target_modules"] = _selector(list(parts), [n for n, _ in model.named_modules()])
+    config["target_modules"] = _selector(list(parts), list(scope.candidates()))
     if peft_type == "IA3":  # PEFT tests feedforward entries with a bare endswith, among the targets
         ff = [p for p, part in parts.items() if part.feedforward]
         config["feedforward_modules"] = _selector(ff, list(parts), sep="") if ff else []
@@ -293,8 +282,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         config["fan_in_fan_out"] = all(s.layout == "conv1d" for s in sites.values())
     config["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
     if config["task_type"] is None:
-        config["auto_mapping"] = {"base_model_class": type(model).__name__,
-                                  "parent_library": type(model).__module__}
+        cls = scope.model_class()
+        config["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
     tensors = {f"{PREFIX}{p}.{k}": t.to("cpu").contiguous() for p, part in parts.items() for k, t in part.tensors.items()}
     directory = Path(directory)
@@ -319,8 +308,6 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
 
 
 def _variant_class(name: str, peft_type: str):
-    from adapters import REGISTRY
-
     if name not in REGISTRY:
         raise PeftFormatError(
             f"this PEFT adapter is {peft_type}, which needs model-surgery's {name} variant; this installation "
@@ -469,49 +456,26 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if not by_path:
         raise AdapterFileError(f"{weights} holds no adapter tensors.")
 
-    cands = candidates(model)
+    scope = scope_of(model)
+    check_targets(scope, dict.fromkeys(by_path), str(directory))
     plan, names = {}, {}
     with safe_open(str(weights), framework="pt") as f:
         for path, found in by_path.items():
-            mod = cands.get(path)
-            if mod is None:
-                close = difflib.get_close_matches(path, list(cands), n=2, cutoff=0.0)
-                raise BaseMismatchError(
-                    f"{directory} adapts {path}, which this model does not have (closest: {', '.join(close) or 'none'}). "
-                    "Import it onto the base it was trained on."
-                )
-            if isinstance(mod, Site):
-                raise AlreadyRewrittenError(f"{path} is already rewritten; import onto a fresh base (or surgery.restore(model) first).")
-            if not adaptable(mod):
-                raise BaseMismatchError(f"{directory} adapts {path}, but in this model it is a {type(mod).__name__}, not a linear layer.")
+            base = scope.base(path)
             shapes = {s: f.get_slice(k) for s, k in found.items()}
-            plan[path], names[path] = _IMPORT[peft_type](config, path, _Shapes(shapes), dims(mod))
+            plan[path], names[path] = _IMPORT[peft_type](config, path, _Shapes(shapes), dims(base.weight, base.layout))
             missing = [n for n, s in names[path].items() if s not in found]
             if missing:
                 raise AdapterFileError(f"{weights} lacks {path}.{names[path][missing[0]]}, which {plan[path].short()} needs.")
 
-    first = not any(isinstance(m, Site) for m in cands.values())
-    built = apply_plan(model, plan, loading=True)
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for path, site in built.items():
-                for ours, t in site.adapter_tensors().items():
-                    key = by_path[path].get(names[path].get(ours, ""))
-                    if key is None:
-                        raise AdapterFileError(f"{weights} has no tensor for {path}.{ours} ({site.variant.short()}).")
-                    v = f.get_tensor(key)
-                    if v.numel() != t.numel():
-                        raise BaseMismatchError(
-                            f"{weights}: {key} has shape {tuple(v.shape)}, but {site.variant.short()} at {path} expects "
-                            f"{tuple(t.shape)}. The adapter does not belong to this base."
-                        )
-                    with torch.no_grad():
-                        t.copy_(v.reshape(t.shape))
-    except BaseException:
-        _undo(model, built)
-        if first:
-            _restore_flags(model)
-        raise
+        def fill(path: str, site: SiteAPI) -> None:
+            for ours, t in site.adapter_tensors().items():
+                key = by_path[path].get(names[path].get(ours, ""))
+                if key is None:
+                    raise AdapterFileError(f"{weights} has no tensor for {path}.{ours} ({site.variant.short()}).")
+                fill_value(str(weights), key, f.get_tensor(key), t, site, reshape=True)
+
+        install(scope, plan, loading=True, fill=fill)
     return model
 
 

@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .diff import ADDED, CHANGED, REMOVED, Diff, Group, context, node_line, unified
+from .compare import ADDED, CHANGED, REMOVED, Diff, Group, context, node_line, unified
 from .errors import RenderError
 
 # fill, border: green added, red removed, amber changed, grey context

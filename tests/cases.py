@@ -13,7 +13,7 @@ from adapters import LoRA
 from adapters import DeLoRA, DoRA, IA3
 from adapters import AntiPaSTO, EVA, PiSSA
 from adapters import HRA, ROAD
-from adapters.base import Variant
+from surgery.variant import Variant
 
 
 @dataclass(frozen=True)

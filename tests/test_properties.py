@@ -22,7 +22,7 @@ import surgery
 from adapters import REGISTRY
 from models import rel_err
 from surgery.errors import ConfigError, SurgeryError
-from surgery.rewrite import candidates
+from surgery.scope import ModuleScope
 from surgery.site import adaptable
 from surgery.where import match
 
@@ -116,7 +116,7 @@ def test_variant_properties(name, d_in, d_mid, d_out, r, choice, bias, dtype, ba
 # ----- the `where` parser: our errors or a match, never a crash -----
 
 MODEL = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.Sequential(nn.Linear(2, 2)))
-CANDS = candidates(MODEL)
+CANDS = ModuleScope(MODEL).candidates()
 GLOB = st.text(alphabet=st.sampled_from(list("01ab.*?[]{}!,-^\\()|+$:_ ")), max_size=24)
 PATTERN = st.one_of(GLOB, GLOB.map(lambda s: "re:" + s), st.text(max_size=16))
 

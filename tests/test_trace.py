@@ -9,7 +9,7 @@ from torch import nn
 import surgery
 from models import GPT2, LLAMA, QWEN3, rel_err
 from surgery.errors import TraceError
-from surgery.trace import module_path, route
+from surgery.capture import module_path, route
 
 HF = [LLAMA, QWEN3, GPT2]
 

@@ -111,7 +111,7 @@ def _trace_fx(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
         got = gm(*args, **kwargs)
     if not _same(got, want):  # a trace that baked in a branch taken by the example, say
         raise TraceError("the fx graph does not reproduce the eager output on the example inputs")
-    gm.meta["surgery"] = {"route": "fx", "sites": {}}
+    gm.meta["surgery"] = _meta("fx", model)
     return gm
 
 
@@ -159,8 +159,16 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, fx_error: Excepti
             else:
                 model.forward = had
     gm = ep.module()
-    gm.meta["surgery"] = {"route": "export", "sites": {}}
+    gm.meta["surgery"] = _meta("export", model)
     return gm
+
+
+def _meta(route_: str, model: nn.Module) -> dict[str, Any]:
+    """What graph scope keeps on the GraphModule: the route, its sites, and the class the user had at
+    each path (under export the GraphModule's modules are plain containers), so that both scopes
+    agree on what is adaptable."""
+    classes = {p: type(m) for p, m in model.named_modules()}
+    return {"route": route_, "sites": {}, "flags": None, "classes": classes}
 
 
 def _failing_frame(e: BaseException) -> str:
@@ -168,7 +176,7 @@ def _failing_frame(e: BaseException) -> str:
     tb, last = e.__traceback__, None
     while tb is not None:
         fname = tb.tb_frame.f_code.co_filename
-        if "/torch/" not in fname and not fname.endswith("surgery/trace.py"):
+        if "/torch/" not in fname and not fname.endswith("surgery/capture.py"):
             last = tb
         tb = tb.tb_next
     if last is None:

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import DiffInputError
-from .rewrite import candidates
+from .scope import ModuleScope
 from .site import Site, adaptable
 
 ADDED, REMOVED, CHANGED = "added", "removed", "changed"
@@ -317,7 +317,7 @@ def _class(module: nn.Module | None) -> str | None:
 
 
 def _module_diff(before: nn.Module, after: nn.Module) -> Diff:
-    mb, ma = candidates(before), candidates(after)
+    mb, ma = ModuleScope(before).candidates(), ModuleScope(after).candidates()
     groups: dict[str, Group] = {}
     for path in [*ma, *(p for p in mb if p not in ma)]:
         b, a = mb.get(path), ma.get(path)

@@ -1,5 +1,7 @@
 """The Variant contract: what an adapter method must say, and nothing about where it goes.
 
+``adapters/`` imports this module and ``surgery.errors`` only; the engine imports no variant.
+
 A variant is a frozen dataclass of hyper-parameters plus three pieces of behaviour:
 
 1. ``init(site)``: create its tensors from the base weight (a ``SiteInit``), returned as a dict
@@ -17,31 +19,53 @@ A variant is a frozen dataclass of hyper-parameters plus three pieces of behavio
 3. ``fold(weight, bias, t)``: return the merged ``(W', b')`` in nn.Linear layout (``t`` as in forward). Every
    variant here is linear in x, so each folds exactly.
 
+Rules for ``forward`` (it is traced with torch.fx, once per site, so it must be a static graph):
+
+- no control flow on tensor values (``if t.lora_B.abs().sum() > 0`` cannot be traced); branch only
+  on Python values: the variant's own fields and ``t.site`` (path, d_in, d_out, layout);
+- build constant tensors from an input (``x.new_ones(8)``, ``t.lora_A.new_zeros(...)``) so they
+  follow its dtype and device; a factory call such as ``torch.ones(8)`` is traced as a constant,
+  which the engine copies onto the site as a non-persistent buffer (float32, on the CPU);
+- no ``.item()``, ``.tolist()``, ``len(tensor)`` or Python loops over a tensor's values;
+- return one tensor of the shape and dtype of ``y``.
+A forward that breaks a rule fails at rewrite with ``VariantContractError`` naming the variant and
+the rule. ``fold`` runs eagerly on plain tensors (``t`` holds detached tensors and ``t.site``).
+
 Optional: ``modules()`` (nn.Modules the forward calls, e.g. dropout), ``check(site)``
 (validate against the site's shape before anything changes), and for data-driven variants
 ``needs_calibration``, ``observe(state, rows)`` and ``configure(states)``.
 
 Registration: decorate the class with ``@register``; ``adapters/__init__.py`` imports every
-module in this package, so a new variant touches its own file only.
+module in that package, so a new variant touches its own file only. A second class under a name
+that is already registered is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from surgery.errors import ConfigError, UnknownVariantError
+from .errors import ConfigError, RegistrationError, UnknownVariantError, VariantContractError
 
 REGISTRY: dict[str, type["Variant"]] = {}
 
 
 def register(cls: type["Variant"]) -> type["Variant"]:
     """Class decorator: make a variant known to ``load`` and the CLI under its class name."""
+    if not (isinstance(cls, type) and issubclass(cls, Variant)):
+        raise RegistrationError(f"@register decorates Variant subclasses; got {cls!r}.")
+    old = REGISTRY.get(cls.__name__)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):  # not a reload
+        raise RegistrationError(
+            f"a variant named {cls.__name__!r} is already registered (from {old.__module__}); adapter files "
+            f"record variants by class name, so two would be ambiguous. Rename {cls.__module__}.{cls.__name__}."
+        )
     REGISTRY[cls.__name__] = cls
     return cls
 
@@ -54,6 +78,16 @@ def variant_from_config(name: str, config: dict[str, Any]) -> "Variant":
             "Upgrade model-surgery, or check that the file was written by it."
         )
     return REGISTRY[name].from_config(config)
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """Static facts about a site, visible to a variant's forward and fold as ``t.site``."""
+
+    path: str
+    d_in: int
+    d_out: int
+    layout: str  # 'linear' or 'conv1d' (storage layout of the base weight)
 
 
 @dataclass
@@ -73,8 +107,12 @@ class SiteInit:
 
     def replace_weight(self, w: torch.Tensor) -> None:
         """Ask the engine to overwrite the base weight (d_out, d_in) when the rewrite commits."""
-        if w.shape != (self.d_out, self.d_in):
-            raise ValueError(f"replacement weight has shape {tuple(w.shape)}, expected {(self.d_out, self.d_in)}")
+        if not isinstance(w, torch.Tensor) or w.shape != (self.d_out, self.d_in):
+            raise VariantContractError(
+                f"replace_weight at {self.path} got {tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}; "
+                f"the new base weight must be a tensor of shape {(self.d_out, self.d_in)} (d_out, d_in), in "
+                "nn.Linear layout whatever the layer stores. This is a bug in the variant."
+            )
         self.new_weight = w
 
 
@@ -86,7 +124,6 @@ class Variant:
 
     identity_tol: ClassVar[float | None] = 1e-6  # relative identity error promised at init; None: no promise
     frozen: ClassVar[tuple[str, ...]] = ()  # tensor names stored as (persistent) buffers
-    modifies_base: ClassVar[bool] = False  # init rewrites the base weight (restore puts it back)
     needs_weight: ClassVar[bool] = True  # needs the dense base weight (False: works on opaque layers)
     needs_calibration: ClassVar[bool] = False
 
@@ -146,8 +183,6 @@ class Variant:
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - set(names))
         if unknown:
-            import warnings
-
             warnings.warn(
                 f"{cls.__name__}: ignoring unknown config fields {unknown} (written by a newer model-surgery?)",
                 stacklevel=3,

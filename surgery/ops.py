@@ -1,0 +1,403 @@
+"""rewrite / merge / restore, and the one path that installs sites, written once over a Scope.
+
+Every call is two-phase: build everything without touching the model (site inits, spliced graphs,
+identity probes, folded weights, file tensors), then commit. A commit that fails part way is rolled
+back by the scope, so a failed call leaves the model exactly as it was: same weights (bit for bit),
+same module objects, same ``requires_grad`` flags, no stray sites.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .calibrate import collect
+from .errors import (
+    AlreadyRewrittenError,
+    BaseMismatchError,
+    DenseWeightError,
+    IdentityError,
+    MetaDeviceError,
+    NonFiniteError,
+    NotRewrittenError,
+    SurgeryError,
+    TiedWeightError,
+    UnsupportedModuleError,
+    VariantContractError,
+    WhereTypeError,
+)
+from .scope import Scope, scope_of
+from .scope.base import Base, Staged, Txn
+from .site import SiteAPI, dims, linear_weight
+from .variant import SiteInit, Variant
+from .where import Matches, Where, match
+
+
+# ----- where -----
+
+
+def matches(scope: Scope, where: Where, *, strict: bool = True) -> Matches:
+    """`where` over the scope's paths; sites count as matchable, so a second rewrite can name them."""
+    cands = scope.candidates()
+    ok = {id(cands[p]) for p in scope.adaptable() | set(scope.sites()) if p in cands}
+    return match(cands, lambda m: id(m) in ok, where, strict=strict)
+
+
+def resolve(scope: Scope, where: Where) -> list[str]:
+    """The adaptable paths `where` selects, with our errors for the bad cases."""
+    found = matches(scope, where).paths
+    sites = scope.sites()
+    done = [p for p in found if p in sites]
+    if done:
+        raise already_rewritten(scope, done[0], sites[done[0]].variant, len(done) - 1)
+    return found
+
+
+def already_rewritten(scope: Scope, path: str, variant: Variant | None = None, more: int = 0) -> AlreadyRewrittenError:
+    what = f" with {variant.short()}" if variant is not None else ""
+    also = f" (and {more} more matched sites)" if more else ""
+    return AlreadyRewrittenError(
+        f"{path} is already rewritten{what}{also}. One variant per site: call surgery.restore({_arg(scope)}) or "
+        f"surgery.merge({_arg(scope)}) first and start from a fresh base, or narrow `where` to untouched modules."
+    )
+
+
+def _arg(scope: Scope) -> str:
+    return "gm" if scope.noun == "GraphModule" else "model"
+
+
+# ----- rewrite -----
+
+
+def check_variant(variant: Any) -> None:
+    if isinstance(variant, type) and issubclass(variant, Variant):
+        raise WhereTypeError(
+            f"`variant` must be a variant config instance; got the class {variant.__name__} itself. "
+            f"Call it: surgery.rewrite(model, {variant.__name__}(r=8), where)."
+        )
+    if not isinstance(variant, Variant):
+        raise WhereTypeError(
+            f"`variant` must be a variant config such as adapters.LoRA(r=8); got {type(variant).__name__} "
+            f"{variant!r}. Argument order: surgery.rewrite(model, variant, where)."
+        )
+
+
+def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: Iterable[Any] | None = None) -> nn.Module:
+    """Splice ``variant`` into every module matched by ``where``, in place; returns ``model``."""
+    check_variant(variant)
+    scope = scope_of(model)
+    paths = resolve(scope, where)
+    plan: dict[str, Variant] = {p: variant for p in paths}
+    states: dict[str, Any] = {}
+    if variant.needs_calibration:
+        states = collect(scope, variant, paths, calibration)
+        plan = variant.configure(states)
+    install(scope, plan, states=states)
+    return model
+
+
+def site_init(base: Base, variant: Variant, *, calibration: Any = None, loading: bool = False) -> SiteInit:
+    w, path = base.weight, base.path
+    d_in, d_out = dims(w, base.layout)
+    meta = isinstance(w, torch.Tensor) and w.device.type == "meta"
+    if isinstance(w, torch.Tensor) and not meta and not w.is_floating_point():
+        if variant.needs_weight:
+            raise DenseWeightError(
+                f"{variant.name} needs the dense base weight of {path}, which is of type {str(w.dtype).removeprefix('torch.')}. "
+                "Dequantise it first, or use a variant that only needs the layer's shape (LoRA, IA3)."
+            )
+        # the site traces the leaf's own forward, which cannot run on an integer weight
+        raise UnsupportedModuleError(
+            f"{path} has a weight of dtype {str(w.dtype).removeprefix('torch.')}, so it is not a float linear layer "
+            f"that {variant.name} can adapt (a quantised stand-in?). Dequantise it to a float dtype first, "
+            "or leave it out of `where`."
+        )
+    if variant.needs_weight and meta:
+        raise DenseWeightError(
+            f"{variant.name} needs the dense base weight of {path}, which is on the meta device (shapes only). "
+            "Load real weights first, or use a variant that only needs the layer's shape (LoRA, IA3)."
+        )
+    dense = not meta
+    dt = torch.promote_types(w.dtype, torch.float32)
+    b = base.bias
+    return SiteInit(
+        path=path, d_in=d_in, d_out=d_out,
+        weight=linear_weight(w.detach(), base.layout).to(dt) if dense else None,
+        bias=None if b is None or not dense else b.detach().to(dt),
+        dtype=variant.adapter_dtype(w.dtype), device=w.device, calibration=calibration, loading=loading,
+    )
+
+
+def _call_variant(variant: Variant, what: str, path: str, fn: Callable[[], Any]) -> Any:
+    """Run a variant's own code; anything but our errors is a bug in the variant, said as such."""
+    try:
+        return fn()
+    except SurgeryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise VariantContractError(
+            f"{variant.short()}.{what} failed at {path} ({type(e).__name__}: {str(e).strip() or 'no message'}). "
+            f"This is a bug in the variant; a variant reports a configuration that cannot work at a site with "
+            "ConfigError from check(). The model was left unchanged."
+        ) from e
+
+
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def install(scope: Scope, plan: dict[str, Variant], *, states: dict[str, Any] | None = None, loading: bool = False,
+            fill: Callable[[str, SiteAPI], None] | None = None) -> dict[str, SiteAPI]:
+    """Stage a site for each (path, variant), probe identity (or ``fill`` it from a file), then commit.
+
+    All or nothing: nothing touches the model before every site is built, probed and filled.
+    """
+    states = states or {}
+    owners = _owners(scope.model)
+    txn = scope.begin()
+    for path, variant in plan.items():
+        base = scope.base(path)
+        ctx = site_init(base, variant, calibration=states.get(path), loading=loading)
+        _call_variant(variant, "check", path, lambda: variant.check(ctx))
+        tensors = _call_variant(variant, "init", path, lambda: variant.init(ctx))
+        _check_init(variant, path, ctx, tensors)
+        if ctx.new_weight is not None:
+            tied = [n for n in owners.get(id(base.weight), []) if n != f"{path}.weight"]
+            if tied:
+                raise TiedWeightError(
+                    f"{variant.name} rewrites the base weight of {path}, which is shared with {tied[0]}; "
+                    f"changing it would silently change {tied[0]} too. Untie them first "
+                    f"(e.g. model.{path}.weight = torch.nn.Parameter(model.{path}.weight.detach().clone()) "
+                    "and config.tie_word_embeddings = False), or leave this module out of `where`."
+                )
+        staged = txn.stage(base, variant, ctx, tensors)
+        if fill is not None:
+            fill(path, staged.site)
+        elif not loading and variant.identity_tol is not None and base.weight.device.type != "meta":
+            _probe_identity(scope, staged, base, ctx)
+    _commit(scope, txn)
+    return {p: st.site for p, st in txn.staged.items()}
+
+
+def _check_init(variant: Variant, path: str, ctx: SiteInit, tensors: Any) -> None:
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise VariantContractError(
+            f"{variant.short()}.init at {path} returned {type(tensors).__name__}; it must return a dict of "
+            "tensor name -> torch.Tensor (e.g. {'lora_A': ..., 'lora_B': ...}). This is a bug in the variant."
+        )
+
+
+def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit) -> None:
+    """The staged site on random rows against the original base output."""
+    w = base.weight
+    x = torch.randn(3, ctx.d_in, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, linear_weight(w, base.layout), base.bias)
+        got = staged.probe(x)
+    require_identity(staged.site.variant, base.path, got, ref, scope.noun)
+
+
+def require_identity(variant: Variant, path: str, got: torch.Tensor, ref: torch.Tensor, owner: str) -> None:
+    """Raise IdentityError unless ``got`` equals the base output ``ref`` within the variant's promise."""
+    scale = ref.abs().max().clamp_min(1e-12)
+    err = ((got.to(ref.dtype) - ref).abs().max() / scale).item()
+    tol = max(variant.identity_tol, 16 * torch.finfo(ref.dtype).eps)
+    if not err <= tol:
+        raise IdentityError(
+            f"{variant.short()} at {path} should start as the identity, but its output differs "
+            f"from the base by {err:.3g} (relative; allowed {tol:.1g}). This is a bug in the variant's init; "
+            f"the {owner} was left unchanged."
+        )
+
+
+def _commit(scope: Scope, txn: Txn) -> None:
+    """Put the staged sites in, freeze the base, train the adapters; undo all of it on failure."""
+    model, staged = scope.model, txn.staged
+    first = scope.get_flags() is None
+    if first:
+        scope.set_flags({n: p.requires_grad for n, p in model.named_parameters()})
+    flags_now = [(p, p.requires_grad) for p in model.parameters()]
+    # earlier sites' adapter tensors keep their flags: a second rewrite must not freeze the first
+    earlier = {id(t) for s in scope.sites().values() for t in s.adapter_tensors().values()}
+    committed = False
+    try:
+        scope.commit(txn)
+        committed = True
+        for p in model.parameters():
+            if id(p) not in earlier:
+                p.requires_grad_(False)
+        for st in staged.values():
+            for t in st.site.adapter_tensors().values():
+                if isinstance(t, nn.Parameter):
+                    t.requires_grad_(True)
+    except BaseException:
+        if committed:
+            scope.remove(list(staged))
+        for p, flag in flags_now:
+            p.requires_grad_(flag)
+        if first:
+            scope.set_flags(None)
+        raise
+
+
+# ----- sites, merge, restore -----
+
+
+def all_sites(scope: Scope) -> dict[str, SiteAPI]:
+    sites = scope.sites()
+    if not sites:
+        raise NotRewrittenError(
+            f"the {scope.noun} has no sites: nothing to merge, restore, save or export. "
+            f"Call surgery.rewrite({_arg(scope)}, variant, where) first."
+        )
+    return sites
+
+
+def _restore_flags(scope: Scope, originals: dict[str, nn.Parameter]) -> None:
+    """Give every parameter (and the originals of removed sites) its flag from before the first rewrite."""
+    flags = scope.get_flags() or {}
+    scope.set_flags(None)
+    params = dict(originals)
+    params.update(dict(scope.model.named_parameters()))
+    for n, p in params.items():
+        if n in flags:
+            p.requires_grad_(flags[n])
+
+
+def _originals(sites: dict[str, SiteAPI]) -> dict[str, nn.Parameter]:
+    return {f"{p}.{n}": t for p, s in sites.items() for n, t in s.record.original.named_parameters()}
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Remove every site and give back the exact original modules and weights; returns ``model``."""
+    scope = scope_of(model)
+    sites = all_sites(scope)
+    scope.remove(list(sites))
+    _restore_flags(scope, _originals(sites))
+    return model
+
+
+def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None = None) -> nn.Module:
+    """Fold every site into its weights and put back modules of the original class; returns ``model``.
+
+    ``progress`` wraps the ``(path, site)`` pairs while they are folded (e.g. ``tqdm``), for long merges.
+    """
+    scope = scope_of(model)
+    sites = all_sites(scope)
+    owners = _owners(scope.model)
+    folded, untie = {}, {}
+    for path, site in (progress or iter)(sites.items()):
+        if site.weight.device.type == "meta":
+            raise MetaDeviceError(
+                f"cannot merge {path}: its weights are on the meta device (shapes only, no values), so there is "
+                "nothing to fold. Load real weights (e.g. model.to_empty(device='cpu') and load a checkpoint) first."
+            )
+        W, b = folded[path] = _fold_checked(scope, site)
+        tied = [n for n in owners.get(id(site.weight), []) if n != f"{path}.weight"]
+        if tied:
+            untie[path] = tied
+    for path, tied in untie.items():
+        warnings.warn(
+            f"merge: {path}.weight was tied to {', '.join(tied)}; it is now untied so that folding the "
+            f"adapter does not change {tied[0]}. config.tie_word_embeddings is set to False where present.",
+            stacklevel=2,
+        )
+    # every site was folded and checked before any weight is written, so a bad fold cannot half-merge
+    scope.remove(list(sites), folded, frozenset(untie))
+    if untie:
+        _untie_config(scope.model)
+    _restore_flags(scope, _originals(sites))
+    return model
+
+
+def _fold_checked(scope: Scope, site: SiteAPI) -> tuple[torch.Tensor, torch.Tensor | None]:
+    path, v = site.path, site.variant
+    out = _call_variant(v, "fold", path, site.fold)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+        raise VariantContractError(
+            f"{v.name}.fold returned {type(out).__name__} at {path}; it must return (W', b') with W' a tensor "
+            f"and b' a tensor or None. This is a bug in the variant; the {scope.noun} was left unchanged."
+        )
+    W, b = out
+    if (b is None) != (site.bias is None):
+        raise VariantContractError(
+            f"{v.name}.fold changed whether {path} has a bias; this is a bug in the variant. "
+            f"The {scope.noun} was left unchanged."
+        )
+    if tuple(W.shape) != (site.d_out, site.d_in) or (b is not None and tuple(b.shape) != (site.d_out,)):
+        raise VariantContractError(
+            f"{v.name}.fold returned W' of shape {tuple(W.shape)}"
+            f"{'' if b is None else f' and b of shape {tuple(b.shape)}'} at {path}; expected "
+            f"({site.d_out}, {site.d_in}) and ({site.d_out},). This is a bug in the variant; the {scope.noun} was "
+            "left unchanged."
+        )
+    bad = [n for n, t in (("weight", W), ("bias", b)) if t is not None and not torch.isfinite(t).all()]
+    bad += [n for n, t in site.adapter_tensors().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(
+            f"cannot merge {path}: NaN or Inf in {', '.join(sorted(set(bad)))} ({v.short()}). The {scope.noun} was "
+            f"left unchanged; check the learning rate or the loss, or surgery.restore({_arg(scope)})."
+        )
+    return W, b
+
+
+def _untie_config(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    targets = [config]
+    text = getattr(config, "get_text_config", None)
+    if callable(text):
+        targets.append(text())
+    for c in targets:
+        if hasattr(c, "tie_word_embeddings"):
+            c.tie_word_embeddings = False
+
+
+# ----- files: check every target before anything changes -----
+
+
+def check_targets(scope: Scope, targets: dict[str, tuple[int, int] | None], source: str) -> None:
+    """Each path a file adapts must be an untouched adaptable layer of this model with the saved shape."""
+    cands, sites, ok = scope.candidates(), scope.sites(), scope.adaptable()
+    for p, want in targets.items():
+        if p in sites:
+            raise already_rewritten(scope, p)
+        if p not in cands:
+            close = difflib.get_close_matches(p, list(cands), n=2, cutoff=0.0)
+            raise BaseMismatchError(
+                f"{source} was saved for another base: it adapts {p}, which this {scope.noun} does not have "
+                f"(closest: {', '.join(close) or 'none'}). Load it onto the base it was trained on."
+            )
+        if p not in ok:
+            raise BaseMismatchError(
+                f"{source} adapts {p}, but in this {scope.noun} {p} is a {scope.class_name(p)}, not a linear layer "
+                "that can be adapted. Load it onto the base it was trained on."
+            )
+        base = scope.base(p)
+        have = dims(base.weight, base.layout)
+        if want is not None and tuple(have) != tuple(want):
+            raise BaseMismatchError(
+                f"{source} was saved for another base: {p} had in/out {want[0]}x{want[1]}, this {scope.noun}'s is "
+                f"{have[0]}x{have[1]}. Load it onto the base it was trained on."
+            )
+
+
+def fill_value(source: str, key: str, value: torch.Tensor, target: torch.Tensor, site: SiteAPI, *,
+               reshape: bool = False) -> None:
+    """Copy a tensor read from a file into a staged site's tensor, refusing another shape (or size)."""
+    fits = value.numel() == target.numel() if reshape else tuple(value.shape) == tuple(target.shape)
+    if not fits:
+        raise BaseMismatchError(
+            f"{source}: tensor {key} has shape {tuple(value.shape)}, but {site.variant.short()} at {site.path} "
+            f"expects {tuple(target.shape)}. The file does not belong to this base or config."
+        )
+    with torch.no_grad():
+        target.copy_(value.reshape(target.shape))

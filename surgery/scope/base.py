@@ -1,0 +1,124 @@
+"""The Scope protocol: what the verbs in ``surgery/ops.py`` need from a model, in either scope.
+
+- ``ModuleScope`` (``module.py``): any ``nn.Module``; each site is a ``Site`` swapped in for its leaf.
+- ``GraphScope`` (``graph.py``): a GraphModule from ``surgery.trace``; each site is a region of its graph.
+
+``scope_of`` is the one place that decides which one a model gets. Everything a verb does beyond
+"where does a site go and how does it come out again" (resolving `where`, init, identity probe,
+flags, rollback, fold checks, files) is written once, in ``surgery/ops.py``, over this protocol.
+
+A rewrite is a transaction: ``begin()`` returns a ``Txn``; ``Txn.stage`` builds one site without
+touching the model and returns a ``Staged`` (its site and a probe of its adapted output); ``commit``
+puts every staged site in at once, or raises with the model unchanged. ``remove`` takes sites out
+again, putting back the original modules or, for ``merge``, modules holding the folded weights.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..site import SiteAPI
+from ..variant import SiteInit, Variant
+
+Emit = Callable[[str, torch.Tensor], None]  # (site path, that site's input) for calibration taps
+
+
+@dataclass
+class Base:
+    """The unadapted linear map at one path, as a scope found it."""
+
+    path: str
+    layout: str  # storage layout: 'linear' or 'conv1d'
+    base_class: str
+    module: nn.Module  # the module at ``path`` (under export: a container of its parameters)
+
+    @property
+    def weight(self) -> Any:  # the Parameter as stored (any dtype, possibly meta)
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+
+@dataclass
+class Staged:
+    """One built site, not yet in the model."""
+
+    site: SiteAPI
+    probe: Callable[[torch.Tensor], torch.Tensor]  # (N, d_in) -> adapted output in eval mode
+    new_weight: torch.Tensor | None = None  # replacement base weight (storage layout), if the variant asked
+
+
+class Txn:
+    """The sites of one call, staged before any of them goes in."""
+
+    def __init__(self):
+        self.staged: dict[str, Staged] = {}
+
+    def stage(self, base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Staged:
+        raise NotImplementedError
+
+
+class Scope:
+    """A model seen as a set of places where a linear map can be adapted."""
+
+    noun = "model"  # how messages name the object: "model" or "GraphModule"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ----- what is there -----
+    def candidates(self) -> dict[str, nn.Module]:
+        """path -> module for `where` matching, in model order (sites' own internals excluded)."""
+        raise NotImplementedError
+
+    def adaptable(self) -> set[str]:
+        """Paths that can become sites now."""
+        raise NotImplementedError
+
+    def sites(self) -> dict[str, SiteAPI]:
+        raise NotImplementedError
+
+    def base(self, path: str) -> Base:
+        raise NotImplementedError
+
+    def class_name(self, path: str) -> str:
+        """The class name of the module the user had at ``path``."""
+        raise NotImplementedError
+
+    def model_class(self) -> type:
+        """The class of the model the user adapted (for a trace: of the model that was traced)."""
+        return type(self.model)
+
+    # ----- changing it -----
+    def begin(self) -> Txn:
+        raise NotImplementedError
+
+    def commit(self, txn: Txn) -> None:
+        """Put every staged site in; on failure, leave the model as it was and raise."""
+        raise NotImplementedError
+
+    def remove(self, paths: list[str], folded: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+               untie: frozenset[str] = frozenset()) -> None:
+        """Take sites out: the original modules back, or (``folded``) modules holding W', b' (nn.Linear layout).
+
+        A path in ``untie`` gets its folded weight as a new Parameter (its old one is shared with another module).
+        """
+        raise NotImplementedError
+
+    def taps(self, paths: list[str], emit: Emit) -> AbstractContextManager:
+        """While open, every forward hands each path's input to ``emit``."""
+        raise NotImplementedError
+
+    # ----- bookkeeping kept with the model while it has sites -----
+    def get_flags(self) -> dict[str, bool] | None:
+        raise NotImplementedError
+
+    def set_flags(self, flags: dict[str, bool] | None) -> None:
+        raise NotImplementedError

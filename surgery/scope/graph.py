@@ -1,0 +1,361 @@
+"""Graph scope: sites are regions of a whole-model GraphModule from ``surgery.trace``.
+
+A region is the part of the traced graph that computes one adaptable module:
+
+- fx route: the module's ``call_module`` node (x = its input, y = the node itself);
+- export route: ATen nodes whose innermost module path is the module: ``aten.linear`` for
+  nn.Linear; ``view -> addmm -> view`` for GPT-2's Conv1D (x = the first view's input, y = the
+  last view).
+
+A path is adaptable only if the module the user traced there was an adaptable class (recorded by
+``trace``), so both scopes agree on what can be adapted: a MoE router that computes ``F.linear``
+with its own weight is not an nn.Linear and is refused in both.
+
+At each site the engine inserts ``get_attr`` nodes for the weight (transposed to (d_out, d_in)
+for Conv1D) and bias, then runs the same ``trace_variant`` + ``splice`` as module scope, with the
+module path as prefix; the ones the variant does not read are erased again. The variant's tensors
+live on a private shallow copy of the module at that path (``_holder``), so state_dict keys read
+``<path>.lora_A`` as in module scope, while the eager model that shares its parameters with the
+GraphModule is never written to: a replaced base weight (PiSSA) or a merged weight is a new
+Parameter on that copy, and ``remove`` puts the original module back.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import GraphScopeError
+from ..site import SiteAPI, SiteRecord, layout_of_class, linear_weight, stored_weight
+from ..splice import add_constants, attach, splice, trace_variant
+from ..capture import module_classes, module_path, route
+from ..variant import SiteInfo, SiteInit, Variant
+from .base import Base, Emit, Scope, Staged, Txn
+
+_aten = torch.ops.aten
+
+
+@dataclass
+class Region:
+    """Where one adaptable module sits in the graph (before any splice)."""
+
+    path: str
+    layout: str
+    x: fx.Node
+    y: fx.Node
+    first: fx.Node  # the region's first node: weight/bias get_attr nodes go before it
+    calls: int  # how many times the module runs in the graph (graph scope needs exactly one)
+
+
+@dataclass
+class GraphRecord(SiteRecord):
+    """A graph-scope site's record: the names of its input, base output and adapted output nodes."""
+
+    x: str = ""
+    y: str = ""
+    out: str = ""
+
+
+def _state(gm: fx.GraphModule) -> dict[str, Any]:
+    return gm.meta["surgery"]
+
+
+def _get_attr_target(node: Any) -> str | None:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def regions(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Region]:
+    """Adaptable, not yet rewritten modules of ``gm`` (nodes taken from ``graph``, default ``gm.graph``)."""
+    graph = gm.graph if graph is None else graph
+    classes = _state(gm)["classes"]
+    out: dict[str, Region] = {}
+
+    def add(path, lay, x, y, first):
+        cls = classes.get(path)
+        if lay is None or cls is None or layout_of_class(cls) != lay:  # e.g. a router computing F.linear with its weight
+            return
+        if path in out:
+            out[path].calls += 1
+        else:
+            out[path] = Region(path, lay, x, y, first, 1)
+
+    fx_route = route(gm) == "fx"
+    for n in graph.nodes:
+        if "surgery" in n.meta:
+            continue
+        if fx_route:
+            if n.op == "call_module" and len(n.args) == 1 and not n.kwargs:
+                add(n.target, layout_of_class(type(gm.get_submodule(n.target))), n.args[0], n, n)
+            continue
+        path = module_path(n)
+        if n.target is _aten.linear.default and _get_attr_target(n.args[1]) == f"{path}.weight":
+            add(path, "linear", n.args[0], n, n)
+        elif n.target is _aten.addmm.default and _get_attr_target(n.args[2]) == f"{path}.weight":
+            flat, users = n.args[1], list(n.users)
+            if (isinstance(flat, fx.Node) and flat.target is _aten.view.default and len(users) == 1
+                    and users[0].target is _aten.view.default and module_path(flat) == path):
+                add(path, "conv1d", flat.args[0], users[0], flat)
+    return out
+
+
+def _holder(module: nn.Module) -> nn.Module:
+    """A shallow copy with its own parameter/buffer/module tables: same tensors, separate names."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    if "bias" not in new._parameters:
+        new.register_parameter("bias", None)
+    return new
+
+
+def _set(gm: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def _spliced(graph: fx.Graph, path: str) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.meta.get("surgery", {}).get("site") == path]
+
+
+def _set_nested(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, name = path.split(".")
+    for p in parents:
+        if not hasattr(root, p):
+            root.add_module(p, nn.Module())
+        root = getattr(root, p)
+    root.add_module(name, module)
+
+
+def region_module(graph: fx.Graph, holder: nn.Module, rec: GraphRecord) -> fx.GraphModule:
+    """The site's spliced nodes as a standalone GraphModule ``(x, y) -> adapted y``."""
+    nodes = {n.name: n for n in graph.nodes}
+    g = fx.Graph()
+    env = {nodes[rec.x]: g.placeholder("x"), nodes[rec.y]: g.placeholder("y")}
+    for n in _spliced(graph, rec.path):
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[nodes[rec.out]])
+    root = nn.Module()
+    _set_nested(root, rec.path, holder)
+    return fx.GraphModule(root, g, class_name=f"{rec.base_class}Site")
+
+
+class GraphSite(SiteAPI):
+    """A graph-scope site: a view of its nodes in the GraphModule and of the module holding its tensors."""
+
+    def __init__(self, gm: fx.GraphModule, record: GraphRecord, holder: nn.Module, graph: fx.Graph | None = None):
+        self._gm, self.record, self.holder = gm, record, holder
+        self._graph = graph  # while staged: the working copy of the graph
+
+    def _owner(self) -> nn.Module:
+        return self.holder
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.holder.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.holder.bias
+
+    @property
+    def code(self) -> str:
+        """The spliced region as Python: ``forward(x, y)`` -> the adapted output."""
+        graph = self._gm.graph if self._graph is None else self._graph
+        return region_module(graph, self.holder, self.record).code.strip("\n") + "\n"
+
+    def __repr__(self) -> str:
+        return f"GraphSite({self.path}: {self.describe()})"
+
+
+class GraphTxn(Txn):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+        self.graph = copy.deepcopy(gm.graph)
+        self.found = regions(gm, self.graph)
+
+    def stage(self, base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Staged:
+        gm, graph, path = self.gm, self.graph, base.path
+        reg = self.found[path]
+        original = base.module
+        holder = _holder(original)
+        orig_weight = None
+        if ctx.new_weight is not None:  # a new Parameter: the shared original stays untouched for restore
+            w = stored_weight(ctx.new_weight, reg.layout).to(holder.weight.dtype).contiguous()
+            holder.weight = nn.Parameter(w, requires_grad=False)
+            orig_weight = original.weight
+        modules = attach(holder, variant, tensors)
+        for m in modules.values():
+            m.train(gm.training)
+        meta = {"site": path, "variant": variant.short()}
+        with graph.inserting_before(reg.first):
+            w_node = graph.get_attr(f"{path}.weight")
+            b_node = graph.get_attr(f"{path}.bias") if holder.bias is not None else None
+            w_lin = graph.call_method("t", (w_node,)) if reg.layout == "conv1d" else w_node
+        inputs = [n for n in (b_node, w_lin, w_node) if n is not None]
+        for n in inputs:
+            n.meta["surgery"] = dict(meta)
+        info = SiteInfo(path=path, d_in=ctx.d_in, d_out=ctx.d_out, layout=reg.layout)
+        vg = trace_variant(variant, {n: getattr(holder, n) for n in tensors}, modules, ctx.dtype, holder.weight.dtype,
+                           has_bias=holder.bias is not None, site=info)
+        add_constants(holder, vg)
+        new = splice(graph, vg, x=reg.x, y=reg.y, weight=w_lin, bias=b_node, prefix=path + ".", meta=meta)
+        for n in dict.fromkeys(inputs):  # the weight/bias nodes the variant does not read are bookkeeping
+            if not n.users:
+                graph.erase_node(n)
+        stack = reg.y.meta.get("nn_module_stack")
+        for n in _spliced(graph, path):
+            if stack is not None:  # spliced nodes belong to the site's module, like the region they extend
+                n.meta["nn_module_stack"] = stack.copy()
+        out = next((n for n in new if any(u not in new for u in n.users)), reg.y)
+        rec = GraphRecord(path, variant, reg.layout, base.base_class, ctx.d_in, ctx.d_out, original, orig_weight,
+                          x=reg.x.name, y=reg.y.name, out=out.name)
+        site = GraphSite(gm, rec, holder, graph)
+
+        def probe(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                y = F.linear(x, linear_weight(holder.weight, rec.layout), holder.bias)
+                return region_module(graph, holder, rec).eval()(x, y)
+
+        staged = Staged(site, probe)
+        self.staged[path] = staged
+        return staged
+
+
+class GraphScope(Scope):
+    noun = "GraphModule"
+
+    @property
+    def _records(self) -> dict[str, GraphRecord]:
+        return _state(self.model)["sites"]
+
+    def candidates(self) -> dict[str, nn.Module]:
+        """Every module path of the traced model, in its order. Under export the modules are the
+        GraphModule's containers of parameters (the original classes are gone); a path that owns no
+        parameter gets an empty stand-in, so every path can be matched."""
+        gm = self.model
+        inside = tuple(p + "." for p in self._records)
+        out: dict[str, nn.Module] = {}
+        for p in _state(gm)["classes"]:
+            if not p or p.startswith(inside):
+                continue
+            try:
+                out[p] = gm.get_submodule(p)
+            except AttributeError:
+                out[p] = nn.Module()
+        return out
+
+    def adaptable(self) -> set[str]:
+        return set(regions(self.model))
+
+    def sites(self) -> dict[str, GraphSite]:
+        return {p: GraphSite(self.model, rec, self.model.get_submodule(p)) for p, rec in self._records.items()}
+
+    def base(self, path: str) -> Base:
+        reg = regions(self.model).get(path)
+        if reg is None or reg.calls != 1:
+            raise GraphScopeError(
+                f"{path} cannot be a graph-scope site: "
+                + ("it does not appear as a plain linear region in the graph" if reg is None else
+                   f"it runs {reg.calls} times in the graph, and each call would need its own site")
+                + ". Rewrite the eager model instead (module scope), or leave it out of `where`."
+            )
+        return Base(path, reg.layout, self.class_name(path), self.model.get_submodule(path))
+
+    def class_name(self, path: str) -> str:
+        cls = _state(self.model)["classes"].get(path)
+        return cls.__name__ if cls is not None else module_classes(self.model).get(path, "module")
+
+    def model_class(self) -> type:
+        return _state(self.model)["classes"][""]
+
+    def begin(self) -> Txn:
+        return GraphTxn(self.model)
+
+    def commit(self, txn: Txn) -> None:
+        gm, old = self.model, self.model.graph
+        records = {p: st.site.record for p, st in txn.staged.items()}
+        try:
+            for path, st in txn.staged.items():
+                _set(gm, path, st.site.holder)
+                st.site._graph = None  # from now on the site reads the GraphModule's graph
+            gm.graph = txn.graph
+            gm.graph.lint()
+            gm.recompile()
+            self._records.update(records)
+        except BaseException:
+            for path, rec in records.items():
+                self._records.pop(path, None)
+                _set(gm, path, rec.original)
+            gm.graph = old
+            gm.recompile()
+            raise
+
+    def remove(self, paths, folded=None, untie=frozenset()) -> None:
+        gm, graph = self.model, self.model.graph
+        nodes = {n.name: n for n in graph.nodes}
+        for path in paths:  # erase each site's nodes and route the base output back to its users
+            rec = self._records[path]
+            spliced = _spliced(graph, path)
+            keep = set(spliced)
+            if rec.out != rec.y:
+                nodes[rec.out].replace_all_uses_with(nodes[rec.y], delete_user_cb=lambda u: u not in keep)
+            for n in reversed(spliced):
+                graph.erase_node(n)
+        graph.lint()
+        gm.recompile()
+        for path in paths:
+            rec = self._records.pop(path)
+            module = rec.original
+            if folded is not None:  # new Parameters: the originals are shared with the eager model
+                W, b = folded[path]
+                module = _holder(rec.original)
+                module.weight = nn.Parameter(stored_weight(W, rec.layout).to(rec.original.weight.dtype).contiguous())
+                if b is not None:
+                    module.bias = nn.Parameter(b.to(rec.original.bias.dtype))
+            _set(gm, path, module)
+
+    @contextmanager
+    def taps(self, paths: list[str], emit: Emit) -> Iterator[None]:
+        """A temporary graph with a tap on each site's input node."""
+        gm = self.model
+        found = regions(gm)
+        graph = copy.deepcopy(gm.graph)
+        by_name = {n.name: n for n in graph.nodes}
+        key = id(emit)
+        for p in paths:
+            x = by_name[found[p].x.name]
+            with graph.inserting_after(x):
+                graph.call_function(_tap, (x, key, p))
+        old = gm.graph
+        _EMIT[key] = emit
+        gm.graph = graph
+        gm.recompile()
+        try:
+            yield
+        finally:
+            _EMIT.pop(key, None)
+            gm.graph = old
+            gm.recompile()
+
+    def get_flags(self):
+        return _state(self.model).get("flags")
+
+    def set_flags(self, flags) -> None:
+        _state(self.model)["flags"] = flags
+
+
+_EMIT: dict[int, Any] = {}  # live tap callbacks by id: graph arguments must be plain values
+
+
+def _tap(x: torch.Tensor, key: int, path: str) -> None:
+    _EMIT[key](path, x)

@@ -1,0 +1,162 @@
+"""Module scope: each matched leaf of an ``nn.Module`` is replaced by a ``Site`` (a traced leaf with the
+variant spliced in); the leaf itself is kept on the site's record and put back by ``remove``."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..site import Site, SiteRecord, adaptable, layout, stored_weight
+from ..splice import add_constants, attach, splice, trace_variant, tracer
+from ..variant import SiteInfo, SiteInit, Variant
+from .base import Base, Emit, Scope, Staged, Txn
+
+_FLAGS = "_surgery_requires_grad"  # original requires_grad of every parameter, kept on the model while it has sites
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def build_site(base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Site:
+    """Trace the leaf, splice ``variant`` into it, and return the Site (the model is not touched)."""
+    leaf, lay = base.module, base.layout
+    graph = tracer().trace(leaf)  # a graph owned by no module yet
+    x = next(n for n in graph.nodes if n.op == "placeholder")
+    y = next(n for n in graph.nodes if n.op == "output").args[0]
+    w = next(n for n in graph.nodes if n.op == "get_attr" and n.target == "weight")
+    b = next((n for n in graph.nodes if n.op == "get_attr" and n.target == "bias"), None)
+    if lay == "conv1d":  # present W in (d_out, d_in) layout to the variant
+        with graph.inserting_after(w):
+            w = graph.call_method("t", (w,))
+
+    root = nn.Module()
+    root.weight = leaf.weight
+    root.bias = leaf.bias
+    modules = attach(root, variant, tensors)
+    info = SiteInfo(path=base.path, d_in=ctx.d_in, d_out=ctx.d_out, layout=lay)
+    vg = trace_variant(variant, {n: getattr(root, n) for n in tensors}, modules, ctx.dtype, leaf.weight.dtype,
+                       has_bias=leaf.bias is not None, site=info)
+    add_constants(root, vg)
+    splice(graph, vg, x=x, y=y, weight=w, bias=b if leaf.bias is not None else None, prefix="",
+           meta={"site": base.path, "variant": variant.short()})
+    site = Site(root, graph, class_name=type(leaf).__name__)
+    if leaf.bias is None:
+        site.register_parameter("bias", None)
+    site.graph.eliminate_dead_code()  # e.g. the base op, when a variant recomputes it from x
+    site.graph.lint()
+    site.recompile()
+    site.train(leaf.training)  # new modules (dropout) follow the mode of the model they join
+    site.__dict__["record"] = SiteRecord(base.path, variant, lay, type(leaf).__name__, ctx.d_in, ctx.d_out, leaf)
+    return site
+
+
+class ModuleTxn(Txn):
+    def stage(self, base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Staged:
+        site = build_site(base, variant, ctx, tensors)
+        new = None if ctx.new_weight is None else stored_weight(ctx.new_weight, base.layout).to(base.weight.dtype)
+
+        def probe(x: torch.Tensor) -> torch.Tensor:
+            was = site.training
+            site.eval()
+            try:
+                with torch.no_grad():
+                    return functional_call(site, {} if new is None else {"weight": new}, (x,))
+            finally:
+                site.train(was)
+
+        staged = Staged(site, probe, new)
+        self.staged[base.path] = staged
+        return staged
+
+
+class ModuleScope(Scope):
+    def candidates(self) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {}
+        inside: list[str] = []
+        for path, mod in self.model.named_modules():
+            if not path or any(path.startswith(p + ".") for p in inside):
+                continue
+            out[path] = mod
+            if isinstance(mod, Site):
+                inside.append(path)
+        return out
+
+    def adaptable(self) -> set[str]:
+        return {p for p, m in self.candidates().items() if adaptable(m)}
+
+    def sites(self) -> dict[str, Site]:
+        return {p: m for p, m in self.model.named_modules() if isinstance(m, Site)}
+
+    def base(self, path: str) -> Base:
+        leaf = self.model.get_submodule(path)
+        return Base(path, layout(leaf), type(leaf).__name__, leaf)
+
+    def class_name(self, path: str) -> str:
+        return type(self.model.get_submodule(path)).__name__
+
+    def begin(self) -> Txn:
+        return ModuleTxn()
+
+    def commit(self, txn: Txn) -> None:
+        done: list[str] = []
+        try:
+            for path, st in txn.staged.items():
+                _set(self.model, path, st.site)
+                done.append(path)
+                if st.new_weight is not None:  # the leaf's own Parameter takes the new values; keep the old ones
+                    st.site.record.orig_weight = st.site.weight.detach().clone()
+                    with torch.no_grad():
+                        st.site.weight.copy_(st.new_weight)
+        except BaseException:
+            self.remove(done)
+            raise
+
+    def remove(self, paths, folded=None, untie=frozenset()) -> None:
+        sites = self.sites()
+        for path in paths:
+            site = sites[path]
+            leaf = site.base
+            with torch.no_grad():
+                if folded is not None:
+                    W, b = folded[path]
+                    w = stored_weight(W, site.layout).to(leaf.weight.dtype)
+                    if path in untie:
+                        leaf.weight = nn.Parameter(w.contiguous(), requires_grad=leaf.weight.requires_grad)
+                    else:
+                        leaf.weight.copy_(w)
+                    if b is not None:
+                        leaf.bias.copy_(b.to(leaf.bias.dtype))
+                elif site.replaced_base:
+                    leaf.weight.copy_(site.record.orig_weight)
+            _set(self.model, path, leaf)
+
+    @contextmanager
+    def taps(self, paths: list[str], emit: Emit):
+        """A forward pre-hook on each leaf hands its input to ``emit``."""
+
+        def hook_for(path: str):
+            def hook(module, args, kwargs):
+                emit(path, args[0] if args else next(iter(kwargs.values())))
+            return hook
+
+        handles = [self.model.get_submodule(p).register_forward_pre_hook(hook_for(p), with_kwargs=True) for p in paths]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def get_flags(self):
+        return self.model.__dict__.get(_FLAGS)
+
+    def set_flags(self, flags) -> None:
+        if flags is None:
+            self.model.__dict__.pop(_FLAGS, None)
+        else:
+            self.model.__dict__[_FLAGS] = flags
+
