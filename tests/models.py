@@ -109,3 +109,17 @@ def randomise_adapters(model: nn.Module, scale: float = 0.05, seed: int = 7) -> 
 def calibration_batches(family: Family, case) -> list[dict[str, torch.Tensor]] | None:
     """The calibration batches a contract case gets (EVA), else None."""
     return [family.inputs(batch=4, seq=8, seed=s) for s in range(3)] if case.calibration else None
+
+
+SCOPES = ("module", "graph")  # the axis every contract, error and property test is parametrised over
+
+
+def in_scope(scope: str, model: nn.Module, *args, **kwargs) -> nn.Module:
+    """What the verbs act on in ``scope``: the eager model itself, or a fresh ``surgery.trace`` of it
+    (exactly as trace returns it, never a deep copy) called with the example inputs given."""
+    import surgery
+
+    if scope == "module":
+        return model
+    assert scope == "graph", scope
+    return surgery.trace(model, *args, **kwargs)
