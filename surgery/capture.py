@@ -61,18 +61,6 @@ def module_path(node: fx.Node) -> str:
     return "" if path.startswith(_EMPTY_STACK) else path
 
 
-def module_classes(gm: fx.GraphModule) -> dict[str, str]:
-    """Every module path that owns a node, in graph order, with its original class name."""
-    out: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            out.setdefault(node.target, type(gm.get_submodule(node.target)).__name__)
-        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
-            if path and not path.startswith(_EMPTY_STACK):
-                out.setdefault(path, cls.rsplit(".", 1)[-1] if isinstance(cls, str) else cls.__name__)
-    return out
-
-
 def trace(model: nn.Module, *args: Any, **kwargs: Any) -> fx.GraphModule:
     """Capture ``model`` as one GraphModule; ``args``/``kwargs`` are example inputs (batch of 2 or more)."""
     if not isinstance(model, nn.Module):
@@ -164,11 +152,10 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, fx_error: Excepti
 
 
 def _meta(route_: str, model: nn.Module) -> dict[str, Any]:
-    """What graph scope keeps on the GraphModule: the route, its sites, and the class the user had at
-    each path (under export the GraphModule's modules are plain containers), so that both scopes
-    agree on what is adaptable."""
-    classes = {p: type(m) for p, m in model.named_modules()}
-    return {"route": route_, "sites": {}, "flags": None, "classes": classes}
+    """What graph scope keeps on the GraphModule: the route, its sites, and the modules the user had
+    at each path (under export the GraphModule's own modules are plain containers of parameters), so
+    that `where` sees the same modules, and both scopes agree on what is adaptable."""
+    return {"route": route_, "sites": {}, "flags": None, "modules": dict(model.named_modules())}
 
 
 def _failing_frame(e: BaseException) -> str:

@@ -75,8 +75,8 @@ def trace_variant(variant: Variant, tensors: dict[str, torch.Tensor], modules: d
     except Exception as e:  # noqa: BLE001 - any tracing failure is the variant's forward breaking a rule
         raise VariantContractError(
             f"{variant.short()}.forward at {site.path} cannot be traced with torch.fx ({type(e).__name__}: "
-            f"{_first_line(e)}). A variant's forward must be a static graph: no `if`, `while`, `.item()`, "
-            "`len()` or Python iteration on tensor values; branch only on the variant's fields and t.site. "
+            f"{_first_line(e)}). A variant's forward must be a static graph: no `if` or `while` on tensor values, "
+            "no `len()` or Python iteration over a tensor; branch only on the variant's fields and t.site. "
             "See the rules in surgery/variant.py."
         ) from e
     known = set(tensors) | set(modules)

@@ -26,7 +26,7 @@ Rules for ``forward`` (it is traced with torch.fx, once per site, so it must be 
 - build constant tensors from an input (``x.new_ones(8)``, ``t.lora_A.new_zeros(...)``) so they
   follow its dtype and device; a factory call such as ``torch.ones(8)`` is traced as a constant,
   which the engine copies onto the site as a non-persistent buffer (float32, on the CPU);
-- no ``.item()``, ``.tolist()``, ``len(tensor)`` or Python loops over a tensor's values;
+- no ``len(tensor)`` or Python loops over a tensor (``for row in t.lora_B``);
 - return one tensor of the shape and dtype of ``y``.
 A forward that breaks a rule fails at rewrite with ``VariantContractError`` naming the variant and
 the rule. ``fold`` runs eagerly on plain tensors (``t`` holds detached tensors and ``t.site``).

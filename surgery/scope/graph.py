@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import GraphScopeError
 from ..site import SiteAPI, SiteRecord, layout_of_class, linear_weight, stored_weight
 from ..splice import add_constants, attach, splice, trace_variant
-from ..capture import module_classes, module_path, route
+from ..capture import module_path, route
 from ..variant import SiteInfo, SiteInit, Variant
 from .base import Base, Emit, Scope, Staged, Txn
 
@@ -74,12 +74,11 @@ def _get_attr_target(node: Any) -> str | None:
 def regions(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Region]:
     """Adaptable, not yet rewritten modules of ``gm`` (nodes taken from ``graph``, default ``gm.graph``)."""
     graph = gm.graph if graph is None else graph
-    classes = _state(gm)["classes"]
+    modules = _state(gm)["modules"]
     out: dict[str, Region] = {}
 
     def add(path, lay, x, y, first):
-        cls = classes.get(path)
-        if lay is None or cls is None or layout_of_class(cls) != lay:  # e.g. a router computing F.linear with its weight
+        if lay is None or path not in modules or layout_of_class(type(modules[path])) != lay:  # e.g. a router computing F.linear with its weight
             return
         if path in out:
             out[path].calls += 1
@@ -239,20 +238,10 @@ class GraphScope(Scope):
         return _state(self.model)["sites"]
 
     def candidates(self) -> dict[str, nn.Module]:
-        """Every module path of the traced model, in its order. Under export the modules are the
-        GraphModule's containers of parameters (the original classes are gone); a path that owns no
-        parameter gets an empty stand-in, so every path can be matched."""
-        gm = self.model
+        """The modules of the model that was traced, by path, as module scope sees them (a callable
+        `where` gets the user's own module objects, whatever the GraphModule holds at that path)."""
         inside = tuple(p + "." for p in self._records)
-        out: dict[str, nn.Module] = {}
-        for p in _state(gm)["classes"]:
-            if not p or p.startswith(inside):
-                continue
-            try:
-                out[p] = gm.get_submodule(p)
-            except AttributeError:
-                out[p] = nn.Module()
-        return out
+        return {p: m for p, m in _state(self.model)["modules"].items() if p and not p.startswith(inside)}
 
     def adaptable(self) -> set[str]:
         return set(regions(self.model))
@@ -272,11 +261,10 @@ class GraphScope(Scope):
         return Base(path, reg.layout, self.class_name(path), self.model.get_submodule(path))
 
     def class_name(self, path: str) -> str:
-        cls = _state(self.model)["classes"].get(path)
-        return cls.__name__ if cls is not None else module_classes(self.model).get(path, "module")
+        return type(_state(self.model)["modules"][path]).__name__
 
     def model_class(self) -> type:
-        return _state(self.model)["classes"][""]
+        return type(_state(self.model)["modules"][""])
 
     def begin(self) -> Txn:
         return GraphTxn(self.model)

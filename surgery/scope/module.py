@@ -45,6 +45,7 @@ def build_site(base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, t
     splice(graph, vg, x=x, y=y, weight=w, bias=b if leaf.bias is not None else None, prefix="",
            meta={"site": base.path, "variant": variant.short()})
     site = Site(root, graph, class_name=type(leaf).__name__)
+    add_constants(site, vg)  # GraphModule copied them as ordinary buffers: keep them out of state_dict
     if leaf.bias is None:
         site.register_parameter("bias", None)
     site.graph.eliminate_dead_code()  # e.g. the base op, when a variant recomputes it from x
