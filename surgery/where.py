@@ -93,14 +93,20 @@ def _check_brace_size(s: str) -> None:
         )
 
 
-def _glob_to_regex(glob: str) -> str:
-    out, i = [], 0
+_STAR = None  # the `*` token; every other token is a test of one character
+
+
+def _glob_tokens(glob: str, entry: str) -> list:
+    """A glob without braces as tokens: ``_STAR``, or a one-character test (literal, ``?``, class)."""
+    out: list = []
+    i = 0
     while i < len(glob):
         ch = glob[i]
         if ch == "*":
-            out.append(".*")
+            if out[-1:] != [_STAR]:  # '**' is '*': consecutive stars would only cost time
+                out.append(_STAR)
         elif ch == "?":
-            out.append(".")
+            out.append(lambda c: True)
         elif ch == "[":
             end = glob.find("]", i + 2 if glob[i + 1 : i + 2] in ("!", "]") else i + 1)
             if end < 0:
@@ -110,14 +116,40 @@ def _glob_to_regex(glob: str) -> str:
             body = glob[i + 1 : end]
             if body.startswith("!"):
                 body = "^" + body[1:]
-            out.append("[" + body.replace("\\", "\\\\") + "]")
+            try:  # a class tests one character, so the regex engine cannot backtrack here
+                out.append(re.compile("[" + body.replace("\\", "\\\\") + "]").fullmatch)
+            except (re.error, OverflowError) as e:  # e.g. '[z-a]' or '[!]'
+                raise PatternError(
+                    f"bad character class in `where` pattern {entry!r}: {e}. Write classes like '[0-3]' or '[!0]', "
+                    "or use a 're:' regex."
+                ) from None
             i = end
         elif ch == "]":
             raise PatternError(f"unbalanced ']' in pattern {glob!r}: write '[0-3]' for a class of characters.")
         else:
-            out.append(re.escape(ch))
+            out.append(ch.__eq__)
         i += 1
-    return "".join(out)
+    return out
+
+
+def _glob_match(tokens: list, path: str) -> bool:
+    """Whole-path glob match in O(len(path) * len(tokens)): on a mismatch, go back to the last star
+    only (a regex of several `.*` can backtrack exponentially on a path that does not match)."""
+    i = j = 0
+    star, mark = -1, 0
+    while i < len(path):
+        if j < len(tokens) and tokens[j] is not _STAR and tokens[j](path[i]):
+            i, j = i + 1, j + 1
+        elif j < len(tokens) and tokens[j] is _STAR:
+            star, mark, j = j, i, j + 1
+        elif star >= 0:
+            mark += 1
+            i, j = mark, star + 1
+        else:
+            return False
+    while j < len(tokens) and tokens[j] is _STAR:
+        j += 1
+    return j == len(tokens)
 
 
 def compile_one(entry) -> Pattern:
@@ -141,15 +173,9 @@ def compile_one(entry) -> Pattern:
             ) from None
         return Pattern(entry, lambda p, m: rx.fullmatch(p) is not None, literal=False)
     _check_brace_size(entry)
-    alternatives = _expand_braces(entry)
-    try:
-        rx = re.compile("|".join(f"(?:{_glob_to_regex(a)})" for a in alternatives))
-    except (re.error, OverflowError) as e:  # a class the regex engine refuses, e.g. '[z-a]' or '[!]'
-        raise PatternError(
-            f"bad character class in `where` pattern {entry!r}: {e}. Write classes like '[0-3]' or '[!0]', "
-            "or use a 're:' regex."
-        ) from None
-    return Pattern(entry, lambda p, m: rx.fullmatch(p) is not None, literal=not (_GLOB_CHARS & set(entry)))
+    alternatives = [_glob_tokens(a, entry) for a in _expand_braces(entry)]
+    return Pattern(entry, lambda p, m: any(_glob_match(t, p) for t in alternatives),
+                   literal=not (_GLOB_CHARS & set(entry)))
 
 
 def compile_where(where: Where) -> list[Pattern]:
