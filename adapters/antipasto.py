@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from surgery.variant import SiteInit, Variant, register, require_positive_rank, require_rank_fits
+from surgery.variant import SiteInit, Variant, register, require_positive_rank, require_rank_fits, require_real
 from surgery.errors import ConfigError
 
 
@@ -60,6 +60,7 @@ class AntiPaSTO(Variant):
 
     def __post_init__(self):
         require_positive_rank(self, self.r)
+        require_real(self, "alpha", self.alpha)
         if self.rotate_basis not in ("V", "U", "none"):
             raise ConfigError(f"AntiPaSTO: rotate_basis must be 'V', 'U' or 'none', got {self.rotate_basis!r}.")
         b = self.block

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.variant import SiteInit, Variant, kaiming_uniform, lora_scaling, register, require_dropout, require_positive_rank
+from surgery.variant import (SiteInit, Variant, kaiming_uniform, lora_scaling, register, require_bool, require_dropout,
+                             require_positive_rank, require_real)
 
 
 @register
@@ -37,7 +38,9 @@ class LoRA(Variant):
 
     def __post_init__(self):
         require_positive_rank(self, self.r)
+        require_real(self, "alpha", self.alpha)
         require_dropout(self, self.dropout)
+        require_bool(self, "rslora", self.rslora)
 
     @property
     def scale(self) -> float:

@@ -15,16 +15,17 @@ import os
 import struct
 import secrets
 import warnings
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterFileError, MetaDeviceError
-from .ops import all_sites, check_targets, fill_value, install
+from .ops import all_sites, check_targets, fill_value, install, require_finite
 from .scope import Scope, scope_of
 from .site import SiteAPI
 from .variant import variant_from_config
@@ -68,6 +69,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter (tensors + configs + base fingerprint) to a safetensors file, atomically."""
     scope = scope_of(model)
     sites = all_sites(scope)
+    require_finite(scope, sites, "save")
     tensors, meta = {}, {}
     for p, s in sites.items():
         for name, t in s.adapter_tensors().items():
@@ -89,13 +91,22 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse and validate a safetensors header without touching tensor data."""
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file, read once: a load that reads a path several times can mix two versions of it."""
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"no adapter file at {str(path)!r}: check the path (surgery.save writes one).")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    return path.read_bytes()
+
+
+def read_header(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """Parse and validate a safetensors header without touching tensor data: from the file (reading
+    only its header) or from the file's bytes, already read."""
+    path = Path(path)
+    if data is None and not path.is_file():
+        raise AdapterFileError(f"no adapter file at {str(path)!r}: check the path (surgery.save writes one).")
+    size = path.stat().st_size if data is None else len(data)
+    with open(path, "rb") if data is None else BytesIO(data) as f:
         head = f.read(8)
         if len(head) < 8:
             raise AdapterFileError(f"{path} is {size} bytes long: too short to be a safetensors file (truncated?).")
@@ -134,9 +145,9 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Our metadata from an adapter file: format, version, sites (parsed), fingerprint."""
-    meta = read_header(path).get("__metadata__") or {}
+def read_metadata(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """Our metadata from an adapter file (or its bytes): format, version, sites (parsed), fingerprint."""
+    meta = read_header(path, data).get("__metadata__") or {}
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sites" not in meta:
         raise AdapterFileError(
             f"{path} is a safetensors file but not a model-surgery adapter (no '{FORMAT}' metadata). "
@@ -189,7 +200,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Every target is checked against the model first; each site is then built and filled from the file
     before any of them goes in, so a bad file leaves the model as it was.
     """
-    meta = read_metadata(path)
+    data = read_bytes(path)
+    meta = read_metadata(path, data)
     plan = {p: variant_from_config(info["variant"], info.get("config", {})) for p, info in meta["sites"].items()}
     scope = scope_of(model)
     targets = {}
@@ -204,20 +216,22 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             "shapes outside the adapted layers); the adapted layers match, so loading goes on.",
             stacklevel=2,
         )
-    try:  # safetensors' own checks (dtypes, offsets) before the model is touched
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as e:
-        raise AdapterFileError(f"{path}: safetensors cannot read this file ({e}); re-save the adapter.") from None
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
+    tensors = decode(path, data)
 
-        def fill(p: str, site: SiteAPI) -> None:
-            for name, t in site.adapter_tensors().items():
-                key = f"{p}.{name}"
-                if key not in keys:
-                    raise AdapterFileError(f"{path} lacks tensor {key!r} that {site.variant.short()} needs; the file is incomplete.")
-                fill_value(str(path), key, f.get_tensor(key), t, site)
+    def fill(p: str, site: SiteAPI) -> None:
+        for name, t in site.adapter_tensors().items():
+            key = f"{p}.{name}"
+            if key not in tensors:
+                raise AdapterFileError(f"{path} lacks tensor {key!r} that {site.variant.short()} needs; the file is incomplete.")
+            fill_value(str(path), key, tensors[key], t, site)
 
-        install(scope, plan, loading=True, fill=fill)
+    install(scope, plan, loading=True, fill=fill)
     return model
+
+
+def decode(path: str | os.PathLike, data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file already read (and its header checked), with safetensors' own checks."""
+    try:
+        return safetensors_load(data)
+    except Exception as e:  # noqa: BLE001 - whatever safetensors finds wrong, the file is not usable
+        raise AdapterFileError(f"{path}: safetensors cannot read this file ({e}); re-save the adapter.") from None

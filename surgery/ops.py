@@ -17,6 +17,7 @@ from torch import nn
 
 from .calibrate import collect
 from .errors import (
+    AdapterFileError,
     AlreadyRewrittenError,
     BaseMismatchError,
     DenseWeightError,
@@ -348,6 +349,19 @@ def _fold_checked(scope: Scope, site: SiteAPI) -> tuple[torch.Tensor, torch.Tens
     return W, b
 
 
+def require_finite(scope: Scope, sites: dict[str, SiteAPI], verb: str) -> None:
+    """Refuse to write an adapter holding NaN or Inf (load and merge refuse it too)."""
+    for path, site in sites.items():
+        bad = [n for n, t in site.adapter_tensors().items() if t.is_floating_point() and t.device.type != "meta"
+               and not torch.isfinite(t).all()]
+        if bad:
+            raise NonFiniteError(
+                f"cannot {verb} {path}: NaN or Inf in {', '.join(sorted(bad))} ({site.variant.short()}); the file "
+                f"would load as NaN outputs. Nothing was written; check the learning rate or the loss, or "
+                f"surgery.restore({_arg(scope)})."
+            )
+
+
 def _untie_config(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is None:
@@ -391,13 +405,25 @@ def check_targets(scope: Scope, targets: dict[str, tuple[int, int] | None], sour
 
 
 def fill_value(source: str, key: str, value: torch.Tensor, target: torch.Tensor, site: SiteAPI, *,
-               reshape: bool = False) -> None:
-    """Copy a tensor read from a file into a staged site's tensor, refusing another shape (or size)."""
-    fits = value.numel() == target.numel() if reshape else tuple(value.shape) == tuple(target.shape)
-    if not fits:
+               squeeze: bool = False) -> None:
+    """Copy a tensor read from a file into a staged site's tensor. The shape must be the expected one
+    (``squeeze``: up to size-1 dimensions, for formats that store a vector as (n,) or (n, 1)); adapter
+    tensors are floating point and finite."""
+    shape = lambda t: tuple(d for d in t.shape if d != 1) if squeeze else tuple(t.shape)  # noqa: E731
+    if shape(value) != shape(target):
         raise BaseMismatchError(
             f"{source}: tensor {key} has shape {tuple(value.shape)}, but {site.variant.short()} at {site.path} "
             f"expects {tuple(target.shape)}. The file does not belong to this base or config."
+        )
+    if not value.is_floating_point():
+        raise AdapterFileError(
+            f"{source}: tensor {key} is stored as {str(value.dtype).removeprefix('torch.')}; adapter tensors are "
+            "floating point, and reading integers as weights would give garbage. Re-save the adapter."
+        )
+    if not torch.isfinite(value).all():
+        raise NonFiniteError(
+            f"{source}: tensor {key} holds NaN or Inf; loading it would make every output NaN. "
+            "Re-save the adapter from a model whose adapter is finite (surgery.merge refuses it too)."
         )
     with torch.no_grad():
         target.copy_(value.reshape(target.shape))

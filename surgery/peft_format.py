@@ -32,17 +32,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, PeftFormatError
-from .io import atomic_write, read_header
-from .ops import all_sites, check_targets, fill_value, install
+from .errors import AdapterFileError, ConfigError, PeftFormatError
+from .io import atomic_write, decode, read_bytes, read_header
+from .ops import all_sites, check_targets, fill_value, install, require_finite
 from .scope import scope_of
 from .site import SiteAPI
 from .site import dims, linear_weight
@@ -233,6 +231,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     """
     scope = scope_of(model)
     sites = all_sites(scope)
+    require_finite(scope, sites, "export")
     parts = {p: _exporter(s)(s) for p, s in sites.items()}
     types = {p: part.peft_type for p, part in parts.items()}
     if len(set(types.values())) > 1:
@@ -319,15 +318,14 @@ def _variant_class(name: str, peft_type: str):
 def _import_lora(config, path, tensors, site_dims):
     A = tensors["lora_A.weight"]
     r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
+    cls = _variant_class("DoRA" if config.get("use_dora") else "LoRA", "LORA")
+    v = cls(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False))
     if A.shape[0] != r:
         raise AdapterFileError(
             f"{path}: lora_A has {A.shape[0]} rows but the config gives r={r} for this module; the adapter "
             "directory is inconsistent (config and tensors from different runs?)."
         )
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
-    cls = _variant_class("DoRA" if config.get("use_dora") else "LoRA", "LORA")
-    v = cls(r=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0)),
-            rslora=bool(config.get("use_rslora", False)))
     names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
     if config.get("use_dora"):
         names["lora_magnitude_vector"] = "lora_magnitude_vector"
@@ -342,19 +340,19 @@ def _import_ia3(config, path, tensors, site_dims):
 
 
 def _import_hra(config, path, tensors, site_dims):
-    return _variant_class("HRA", "HRA")(r=int(config["r"])), {"hra_u": "hra_u"}
+    return _variant_class("HRA", "HRA")(r=config["r"]), {"hra_u": "hra_u"}
 
 
 def _import_delora(config, path, tensors, site_dims):
     r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
     cls = _variant_class("DeLoRA", "DELORA")
-    v = cls(r=int(r), dropout=float(config.get("module_dropout", 0.0)))
+    v = cls(r=r, dropout=config.get("module_dropout", 0.0))
     return v, {n: n for n in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")}
 
 
 def _import_road(config, path, tensors, site_dims):
     cls = _variant_class("ROAD", "ROAD")
-    v = cls(variant=config.get("variant", "road_1"), group_size=int(config.get("group_size", 64)))
+    v = cls(variant=config.get("variant", "road_1"), group_size=config.get("group_size", 64))
     return v, {"road_theta": "road_theta", "road_alpha": "road_alpha"}
 
 
@@ -417,7 +415,8 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _open_weights(directory: Path) -> Path:
+def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's tensors, from one read of the file (refusing pickles, truncation, bad headers)."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         if (directory / "adapter_model.bin").is_file():
@@ -427,8 +426,9 @@ def _open_weights(directory: Path) -> Path:
                 "(safe_serialization=True is the default), in a process you trust."
             )
         raise AdapterFileError(f"no {WEIGHTS_NAME} in {str(directory)!r}: the PEFT adapter directory is incomplete.")
-    read_header(path)  # refuses pickles, truncation and bad headers before any tensor is read
-    return path
+    data = read_bytes(path)
+    read_header(path, data)
+    return path, decode(path, data)
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -436,12 +436,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     config = read_peft_config(directory)
     peft_type = config["peft_type"]
-    weights = _open_weights(directory)
+    weights, tensors = _read_weights(directory)
     known = _KEYS[peft_type]
     by_path: dict[str, dict[str, str]] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        keys = list(f.keys())
-    for key in keys:
+    for key in sorted(tensors):
         name = key.removeprefix(PREFIX)
         suffix = next((s for s in known if name.endswith("." + s)), None)
         if not key.startswith(PREFIX) or suffix is None:
@@ -459,28 +457,29 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     scope = scope_of(model)
     check_targets(scope, dict.fromkeys(by_path), str(directory))
     plan, names = {}, {}
-    with safe_open(str(weights), framework="pt") as f:
-        for path, found in by_path.items():
-            base = scope.base(path)
-            shapes = {s: f.get_slice(k) for s, k in found.items()}
-            plan[path], names[path] = _IMPORT[peft_type](config, path, _Shapes(shapes), dims(base.weight, base.layout))
-            missing = [n for n, s in names[path].items() if s not in found]
-            if missing:
-                raise AdapterFileError(f"{weights} lacks {path}.{names[path][missing[0]]}, which {plan[path].short()} needs.")
+    for path, found in by_path.items():
+        base = scope.base(path)
+        saved = {suffix: tensors[key] for suffix, key in found.items()}
+        try:  # the variant checks each value's type and range; say which file it came from
+            plan[path], names[path] = _IMPORT[peft_type](config, path, saved, dims(base.weight, base.layout))
+        except ConfigError as e:
+            raise PeftFormatError(f"{directory / CONFIG_NAME}: {e}") from None
+        missing = [n for n, s in names[path].items() if s not in found]
+        if missing:
+            raise AdapterFileError(f"{weights} lacks {path}.{names[path][missing[0]]}, which {plan[path].short()} needs.")
+        unused = sorted(set(found) - set(names[path].values()))
+        if unused:  # e.g. DoRA magnitudes with use_dora false: importing without them would be another adapter
+            raise PeftFormatError(
+                f"{weights} has {path}.{unused[0]}, which {plan[path].short()} (from {CONFIG_NAME}) does not use; "
+                "the config and the tensors disagree (use_dora?). Fix the config or re-save the adapter with PEFT."
+            )
 
-        def fill(path: str, site: SiteAPI) -> None:
-            for ours, t in site.adapter_tensors().items():
-                key = by_path[path].get(names[path].get(ours, ""))
-                if key is None:
-                    raise AdapterFileError(f"{weights} has no tensor for {path}.{ours} ({site.variant.short()}).")
-                fill_value(str(weights), key, f.get_tensor(key), t, site, reshape=True)
+    def fill(path: str, site: SiteAPI) -> None:
+        for ours, t in site.adapter_tensors().items():
+            key = by_path[path].get(names[path].get(ours, ""))
+            if key is None:
+                raise AdapterFileError(f"{weights} has no tensor for {path}.{ours} ({site.variant.short()}).")
+            fill_value(str(weights), key, tensors[key], t, site, squeeze=True)
 
-        install(scope, plan, loading=True, fill=fill)
+    install(scope, plan, loading=True, fill=fill)
     return model
-
-
-class _Shapes(dict):
-    """Saved tensors by suffix, exposing only what a variant needs to decide its config: the shape."""
-
-    def __init__(self, slices):
-        super().__init__({k: SimpleNamespace(shape=tuple(s.get_shape())) for k, s in slices.items()})

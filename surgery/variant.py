@@ -234,6 +234,23 @@ def require_dropout(variant: Variant, p: float) -> None:
         )
 
 
+def require_real(variant: Variant, name: str, value: float) -> None:
+    """A finite real number (a NaN or Inf scale would make every output NaN, silently)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(
+            f"{type(variant).__name__}: {name} must be a finite number, got {name}={value!r}. "
+            f"Use e.g. {type(variant).__name__}({name}=16)."
+        )
+
+
+def require_bool(variant: Variant, name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"{type(variant).__name__}: {name} must be True or False, got {name}={value!r} "
+            f"({type(value).__name__}; a string such as 'false' would read as true)."
+        )
+
+
 def require_rank_fits(variant: Variant, site: SiteInit, r: int) -> None:
     """For variants whose rank is bounded by the weight (SVD-based): r <= min(d_in, d_out)."""
     limit = min(site.d_in, site.d_out)

@@ -1,0 +1,215 @@
+"""Files that would load into a silently wrong model are refused, in both scopes (issue: hostile files).
+
+Each test builds a file that the previous engine loaded without a word (a torn read, integer or
+non-finite tensors, a transposed PEFT tensor, magnitudes a config does not use, a string flag, a NaN
+scale) and checks the error and that the model is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import surgery
+import surgery.io
+from adapters import DoRA, LoRA
+from models import SCOPES, in_scope, rel_err
+from surgery import errors as E
+
+X = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+
+
+def toy(scope: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6)).eval()
+    return in_scope(scope, model, X)
+
+
+def adapter_file(tmp_path, name: str, seed: int, variant=None):
+    """An adapter saved from module scope with values set by ``seed``."""
+    model = toy("module")
+    surgery.rewrite(model, variant or LoRA(r=2), "*")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            for t in s.adapter_tensors().values():
+                t.add_(torch.randn(t.shape, generator=g))
+    path = tmp_path / name
+    surgery.save(model, path)
+    return path, model(X)
+
+
+def unchanged(model: nn.Module):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def check():
+        assert not surgery.sites(model)
+        assert {k: v for k, v in model.state_dict().items()}.keys() == state.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+    return check
+
+
+def retensor(path, **tensors):
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    data = load_file(str(path))
+    data.update(tensors)
+    save_file(data, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_load_reads_the_file_once_so_a_concurrent_save_cannot_tear_it(scope, tmp_path, monkeypatch):
+    """A save of another adapter lands between load's reading of the metadata and of the tensors:
+    the load must still give one version, whole (it used to mix A's config with B's tensors)."""
+    a, want = adapter_file(tmp_path, "a.safetensors", seed=1)
+    b, _ = adapter_file(tmp_path, "b.safetensors", seed=2, variant=LoRA(r=2, alpha=3.0))
+    real = surgery.io.read_metadata
+
+    def then_replace(path, data=None):
+        meta = real(path, data)
+        a.write_bytes(b.read_bytes())  # what an atomic save of version B does to the path
+        return meta
+
+    monkeypatch.setattr(surgery.io, "read_metadata", then_replace)
+    model = toy(scope)
+    surgery.load(model, a)
+    assert rel_err(model(X), want) <= 1e-6
+    assert {s.variant for s in surgery.sites(model).values()} == {LoRA(r=2)}
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize(
+    "value, error, words",
+    [
+        (torch.ones(6, 2, dtype=torch.int32), E.AdapterFileError, ("int32", "floating point")),
+        (torch.full((6, 2), float("nan")), E.NonFiniteError, ("NaN or Inf",)),
+        (torch.full((6, 2), float("inf")), E.NonFiniteError, ("NaN or Inf",)),
+    ],
+    ids=["int32", "nan", "inf"],
+)
+def test_integer_or_non_finite_tensors_in_a_file_are_refused(scope, value, error, words, tmp_path):
+    path, _ = adapter_file(tmp_path, "a.safetensors", seed=1)
+    retensor(path, **{"2.lora_B": value})
+    model = toy(scope)
+    check = unchanged(model)
+    with pytest.raises(error) as info:
+        surgery.load(model, path)
+    assert all(w in str(info.value) for w in ("2.lora_B", *words)), info.value
+    check()
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("verb", ["save", "export_peft"])
+def test_a_non_finite_adapter_is_not_written(scope, verb, tmp_path):
+    model = toy(scope)
+    surgery.rewrite(model, LoRA(r=2), "*")
+    with torch.no_grad():
+        surgery.sites(model)["2"].adapter_tensors()["lora_B"][0, 0] = float("nan")
+    target = tmp_path / ("a.safetensors" if verb == "save" else "peft")
+    with pytest.raises(E.NonFiniteError, match=r"cannot (save|export) 2: NaN or Inf in lora_B"):
+        getattr(surgery, verb)(model, target)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"alpha": float("nan")}, ("alpha must be a finite number", "nan")),
+        ({"alpha": float("inf")}, ("alpha must be a finite number",)),
+        ({"rslora": "false"}, ("rslora must be True or False", "'false'")),
+    ],
+    ids=["alpha-nan", "alpha-inf", "rslora-string"],
+)
+def test_a_config_that_would_compute_garbage_is_refused(scope, config, words, tmp_path):
+    path, _ = adapter_file(tmp_path, "a.safetensors", seed=1)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    sites = json.loads(metadata["sites"])
+    for info in sites.values():
+        info["config"].update(config)
+    metadata["sites"] = json.dumps(sites)  # json writes NaN / Infinity, and reads them back
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    model = toy(scope)
+    check = unchanged(model)
+    with pytest.raises(E.ConfigError) as info:
+        surgery.load(model, path)
+    assert all(w in str(info.value) for w in words), info.value
+    check()
+
+
+def peft_dir(tmp_path, variant=None):
+    model = toy("module")
+    surgery.rewrite(model, variant or LoRA(r=2), "*")
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            for t in s.adapter_tensors().values():
+                t.add_(0.1)
+    directory = tmp_path / "peft"
+    surgery.export_peft(model, directory)
+    return directory
+
+
+def edit_peft(directory, config=None, tensors=None, drop=()):
+    cfg = json.loads((directory / "adapter_config.json").read_text())
+    cfg.update(config or {})
+    (directory / "adapter_config.json").write_text(json.dumps(cfg))
+    data = load_file(str(directory / "adapter_model.safetensors"))
+    data.update(tensors or {})
+    for k in drop:
+        data.pop(k)
+    save_file(data, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_transposed_peft_tensor_is_refused_not_reshaped(scope, tmp_path):
+    d = peft_dir(tmp_path)
+    key = "base_model.model.0.lora_B.weight"
+    B = load_file(str(d / "adapter_model.safetensors"))[key]  # (8, 2)
+    edit_peft(d, tensors={key: B.t().contiguous()})
+    model = toy(scope)
+    check = unchanged(model)
+    with pytest.raises(E.BaseMismatchError, match=r"lora_B.weight has shape \(2, 8\).*expects \(8, 2\)"):
+        surgery.import_peft(model, d)
+    check()
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_dora_magnitudes_with_use_dora_false_are_refused(scope, tmp_path):
+    d = edit_peft(peft_dir(tmp_path, DoRA(r=2)), config={"use_dora": False})
+    model = toy(scope)
+    check = unchanged(model)
+    with pytest.raises(E.PeftFormatError, match="lora_magnitude_vector.*does not use.*use_dora"):
+        surgery.import_peft(model, d)
+    check()
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"lora_alpha": float("nan")}, ("adapter_config.json", "alpha must be a finite number")),
+        ({"use_rslora": "false"}, ("adapter_config.json", "rslora must be True or False")),
+        ({"lora_alpha": "abc"}, ("adapter_config.json", "alpha must be a finite number", "'abc'")),
+        ({"r": "2"}, ("adapter_config.json", "r must be a positive integer")),
+    ],
+    ids=["alpha-nan", "rslora-string", "alpha-string", "r-string"],
+)
+def test_peft_config_values_of_the_wrong_type_are_refused(scope, config, words, tmp_path):
+    d = edit_peft(peft_dir(tmp_path), config=config)
+    model = toy(scope)
+    check = unchanged(model)
+    with pytest.raises(E.SurgeryError) as info:
+        surgery.import_peft(model, d)
+    assert all(w in str(info.value) for w in words), info.value
+    check()
