@@ -165,6 +165,13 @@ def install(scope: Scope, plan: dict[str, Variant], *, states: dict[str, Any] | 
     txn = scope.begin()
     for path, variant in plan.items():
         base = scope.base(path)
+        aliases = scope.aliases(path)
+        if aliases:
+            raise UnsupportedModuleError(
+                f"{path} is the same module object as {aliases[0]}: adapting it at one path would leave the other "
+                f"calling the original, and merging would change both. Give {aliases[0]} its own module (e.g. "
+                f"copy.deepcopy), or adapt a model where each layer is registered once."
+            )
         ctx = site_init(base, variant, calibration=states.get(path), loading=loading)
         _call_variant(variant, "check", path, lambda: variant.check(ctx))
         tensors = _call_variant(variant, "init", path, lambda: variant.init(ctx))
@@ -409,6 +416,12 @@ def fill_value(source: str, key: str, value: torch.Tensor, target: torch.Tensor,
     """Copy a tensor read from a file into a staged site's tensor. The shape must be the expected one
     (``squeeze``: up to size-1 dimensions, for formats that store a vector as (n,) or (n, 1)); adapter
     tensors are floating point and finite."""
+    if target.device.type == "meta":
+        raise MetaDeviceError(
+            f"cannot load {key} from {source}: {site.path} is on the meta device (shapes only), where the file's "
+            "values would be dropped. Materialise the base first (model.to_empty(device='cpu') and load its "
+            "checkpoint), then load the adapter."
+        )
     shape = lambda t: tuple(d for d in t.shape if d != 1) if squeeze else tuple(t.shape)  # noqa: E731
     if shape(value) != shape(target):
         raise BaseMismatchError(

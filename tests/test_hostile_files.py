@@ -213,3 +213,52 @@ def test_peft_config_values_of_the_wrong_type_are_refused(scope, config, words, 
         surgery.import_peft(model, d)
     assert all(w in str(info.value) for w in words), info.value
     check()
+
+
+# ----- silent wrong results that are not about files -----
+
+
+def test_load_onto_a_meta_base_is_refused_instead_of_dropping_the_values(tmp_path):
+    path, _ = adapter_file(tmp_path, "a.safetensors", seed=1)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6))
+    with pytest.raises(E.MetaDeviceError, match="meta device.*to_empty"):
+        surgery.load(model, path)
+    assert not surgery.sites(model)
+
+
+def test_rewrite_on_meta_then_materialise_then_merge_leaves_real_weights():
+    """to_empty + load_state_dict replace the site's Parameters; merge must fold those, not the leaf's
+    stale meta originals."""
+    torch.manual_seed(0)
+    real = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6)).eval()
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6)).eval()
+    surgery.rewrite(model, LoRA(r=2), "*")
+    model.to_empty(device="cpu")
+    state = dict(real.state_dict())
+    for p, s in surgery.sites(model).items():
+        state[f"{p}.lora_A"] = torch.randn(s.adapter_tensors()["lora_A"].shape)
+        state[f"{p}.lora_B"] = torch.randn(s.adapter_tensors()["lora_B"].shape)
+    model.load_state_dict(state)
+    want = model(X)
+    surgery.merge(model)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert rel_err(model(X), want) <= 1e-5
+
+
+@pytest.mark.parametrize("where", ["a", "*"])
+def test_a_module_registered_at_two_paths_is_refused(where):
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a  # the same module object at a second path
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Twice()
+    with pytest.raises(E.UnsupportedModuleError, match="a is the same module object as b"):
+        surgery.rewrite(model, LoRA(r=2), where)
+    assert not surgery.sites(model) and type(model.a) is nn.Linear and model.a is model.b

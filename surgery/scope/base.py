@@ -88,6 +88,10 @@ class Scope:
     def base(self, path: str) -> Base:
         raise NotImplementedError
 
+    def aliases(self, path: str) -> list[str]:
+        """Other paths at which the module at ``path`` is registered too."""
+        return []
+
     def class_name(self, path: str) -> str:
         """The class name of the module the user had at ``path``."""
         raise NotImplementedError

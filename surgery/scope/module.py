@@ -97,6 +97,10 @@ class ModuleScope(Scope):
         leaf = self.model.get_submodule(path)
         return Base(path, layout(leaf), type(leaf).__name__, leaf)
 
+    def aliases(self, path: str) -> list[str]:
+        module = self.model.get_submodule(path)
+        return [p for p, m in self.model.named_modules(remove_duplicate=False) if m is module and p != path]
+
     def class_name(self, path: str) -> str:
         return type(self.model.get_submodule(path)).__name__
 
@@ -122,6 +126,9 @@ class ModuleScope(Scope):
         for path in paths:
             site = sites[path]
             leaf = site.base
+            # the site's Parameters are the ones that lived on since the rewrite (model.to_empty() or a
+            # load_state_dict(assign=True) replaces them); the leaf takes those, not its stale originals
+            leaf.weight, leaf.bias = site.weight, site.bias
             with torch.no_grad():
                 if folded is not None:
                     W, b = folded[path]
