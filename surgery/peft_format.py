@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import regex  # re with a timeout: rank_pattern keys are regexes read from a file
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -298,10 +299,27 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with re.match((.*\\.)?(k)$, path)."""
+_PATTERN_SECONDS = 0.5  # a rank_pattern key is a regex from a file: bound the time it may take
+
+
+def _pattern_value(patterns: Any, path: str, default: Any, field: str) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with re.match((.*\\.)?(k)$, path).
+
+    The keys come from a file, so a key that is not a regex, or one that backtracks for ever, is our error.
+    """
+    if not isinstance(patterns, dict):
+        raise PeftFormatError(f"{CONFIG_NAME}: {field} must map module patterns to values, got {type(patterns).__name__}.")
     for k, v in patterns.items():
-        if re.match(rf"(.*\.)?({k})$", path):
+        try:
+            hit = regex.match(rf"(.*\.)?({k})$", path, timeout=_PATTERN_SECONDS)
+        except regex.error as e:
+            raise PeftFormatError(f"{CONFIG_NAME}: {field} key {k[:80]!r} is not a valid regex ({e}).") from None
+        except TimeoutError:
+            raise PeftFormatError(
+                f"{CONFIG_NAME}: {field} key {k[:80]!r} took over {_PATTERN_SECONDS} s to match {path!r} (a regex that "
+                "backtracks); write the key as the module's escaped name, as PEFT's own save does."
+            ) from None
+        if hit:
             return v
     return default
 
@@ -317,8 +335,8 @@ def _variant_class(name: str, peft_type: str):
 
 def _import_lora(config, path, tensors, site_dims):
     A = tensors["lora_A.weight"]
-    r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
+    r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"], "rank_pattern")
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"], "alpha_pattern")
     cls = _variant_class("DoRA" if config.get("use_dora") else "LoRA", "LORA")
     v = cls(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False))
     if A.shape[0] != r:
@@ -344,7 +362,7 @@ def _import_hra(config, path, tensors, site_dims):
 
 
 def _import_delora(config, path, tensors, site_dims):
-    r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
+    r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"], "rank_pattern")
     cls = _variant_class("DeLoRA", "DELORA")
     v = cls(r=r, dropout=config.get("module_dropout", 0.0))
     return v, {n: n for n in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")}

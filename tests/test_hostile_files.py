@@ -262,3 +262,32 @@ def test_a_module_registered_at_two_paths_is_refused(where):
     with pytest.raises(E.UnsupportedModuleError, match="a is the same module object as b"):
         surgery.rewrite(model, LoRA(r=2), where)
     assert not surgery.sites(model) and type(model.a) is nn.Linear and model.a is model.b
+
+
+@pytest.mark.parametrize(
+    "pattern, words",
+    [
+        ({"(": 4}, ("rank_pattern key '('", "not a valid regex")),
+        ({r"((a|a)+)+\4b": 4}, ("rank_pattern key", "took over", "backtracks")),
+        (["0"], ("rank_pattern must map",)),
+    ],
+    ids=["bad-regex", "backtracking", "a-list"],
+)
+def test_hostile_rank_pattern_keys_are_refused_quickly(pattern, words, tmp_path):
+    """Keys are regexes read from a file: one that does not compile, or that backtracks for ever on a
+    long path, is our error within the time bound (Python's re would run the last one for hours)."""
+    def base():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"a" * 30: nn.Linear(8, 8)})
+
+    model = base()
+    surgery.rewrite(model, LoRA(r=2), "*")
+    d = tmp_path / "peft"
+    surgery.export_peft(model, d)
+    config = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": pattern}))
+    fresh = base()
+    with pytest.raises(E.PeftFormatError) as info:
+        surgery.import_peft(fresh, d)
+    assert all(w in str(info.value) for w in words), info.value
+    assert not surgery.sites(fresh)
