@@ -17,7 +17,7 @@ import ast
 import sys
 from typing import Any, Callable
 
-from .errors import ModelDirError, OutputFormatError, SurgeryError, VariantSpecError
+from .errors import ModelDirError, OutputFormatError, OutputPathError, SurgeryError, VariantSpecError
 
 _COMMANDS: list[tuple[Callable[[argparse.Namespace], int | None], list[tuple[tuple, dict]]]] = []
 
@@ -197,6 +197,20 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja")
 
 
+def _output_dir(out: str, model_dir: str, what: str):
+    """The output directory of merge / export-peft, checked before any work is done."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"-o {out!r} is a file; {what} is a directory. Name a new or existing directory.")
+    if path.resolve() == Path(model_dir).resolve():
+        raise OutputPathError(
+            f"-o {out!r} is the base model's own directory; writing there would overwrite the base. Name another directory."
+        )
+    return path
+
+
 def _apply_adapter(model, adapter: str) -> None:
     """A PEFT adapter directory goes through import_peft, a model-surgery file through load."""
     from pathlib import Path
@@ -221,10 +235,10 @@ def merge(args: argparse.Namespace) -> int | None:
 
     from .ops import merge as fold
 
+    out = _output_dir(args.output, args.model_dir, "a merged checkpoint")
     model = load_model(args.model_dir)
     _apply_adapter(model, args.adapter)
     fold(model, progress=lambda pairs: tqdm(pairs, desc="folding", unit="site", file=sys.stderr))
-    out = Path(args.output)
     model.save_pretrained(out)
     copied = [n for n in _TOKENIZER_FILES if (Path(args.model_dir) / n).is_file()]
     for name in copied:  # the merged model keeps the base's tokenizer, so the folder loads as one unit
@@ -243,9 +257,10 @@ def export_peft(args: argparse.Namespace) -> int | None:
     from .io import load
     from .peft_format import export_peft as export
 
+    out = _output_dir(args.output, args.model_dir, "a PEFT adapter")
     model = load_model(args.model_dir)
     load(model, args.adapter)
-    print(f"wrote a PEFT adapter to {export(model, args.output)}")
+    print(f"wrote a PEFT adapter to {export(model, out)}")
     return 0
 
 

@@ -86,6 +86,10 @@ class ModelDirError(SurgeryError, OSError):
     """A path given as a saved model directory holds no model (no config.json)."""
 
 
+class OutputPathError(SurgeryError, OSError):
+    """A command's output path cannot be written as asked (a file where a directory goes, the input itself)."""
+
+
 class OutputFormatError(SurgeryError, ValueError):
     """An output file's extension names no format the command can write."""
 

@@ -85,3 +85,19 @@ def test_merge_real_minilm_keeps_its_tokenizer(tmp_path):
     want = MINILM.out(ours, x)
     assert rel_err(want, MINILM.out(load_model(str(base_dir)), x)) > 1e-4
     assert rel_err(MINILM.out(merged, x), want) <= 1e-5
+
+
+@pytest.mark.parametrize("command", ["merge", "export-peft"])
+@pytest.mark.parametrize("target", ["a-file", "the-base"])
+def test_an_output_that_would_write_nothing_or_overwrite_the_base_is_refused(command, target, llama_dir, tmp_path, capsys):
+    adapter_file(llama_dir, REGISTRY["LoRA"](r=2), "*.k_proj", tmp_path / "a.safetensors")
+    before = {p.name: p.read_bytes() for p in llama_dir.iterdir()}
+    out = tmp_path / "merged.txt" if target == "a-file" else llama_dir
+    if target == "a-file":
+        out.write_text("keep me")
+    assert main([command, str(llama_dir), str(tmp_path / "a.safetensors"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert ("is a file" if target == "a-file" else "overwrite the base") in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in llama_dir.iterdir()} == before
+    if target == "a-file":
+        assert out.read_text() == "keep me"
