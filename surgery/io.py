@@ -17,7 +17,7 @@ import secrets
 import warnings
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -45,23 +45,37 @@ def fingerprint(scope: Scope) -> str:
     return h.hexdigest()[:16]
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    atomic_write_all({path: write})
+
+
+def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], Any]]) -> None:
+    """Write each file to a temporary file beside it, then rename them all over their targets.
+
+    A failure while writing any of them leaves every target as it was, so files that belong together
+    (PEFT's config and tensors) are never left half old, half new by an error.
+    """
+    staged: list[tuple[str, Path]] = []
     try:
-        # writers such as safetensors' save_file leave 0o600 files: keep the old file's mode, else the umask's
-        mode = (path if path.is_file() else Path(tmp)).stat().st_mode & 0o777
-        write(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb") as f:  # on disk before the rename, so a crash leaves old or new, never half
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            staged.append((tmp, path))
+            # writers such as safetensors' save_file leave 0o600 files: keep the old file's mode, else the umask's
+            mode = (path if path.is_file() else Path(tmp)).stat().st_mode & 0o777
+            write(tmp)
+            os.chmod(tmp, mode)
+            with open(tmp, "rb") as f:  # on disk before the rename, so a crash leaves old or new, never half
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 

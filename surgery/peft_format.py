@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterFileError, ConfigError, PeftFormatError
-from .io import atomic_write, decode, read_bytes, read_header
+from .io import atomic_write_all, decode, read_bytes, read_header
 from .ops import all_sites, check_targets, fill_value, install, require_finite
 from .scope import scope_of
 from .site import SiteAPI
@@ -288,9 +288,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors = {f"{PREFIX}{p}.{k}": t.to("cpu").contiguous() for p, part in parts.items() for k, t in part.tensors.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write_all({  # both written before either replaces its old file: a failure leaves the old pair
+        directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text + "\n"),
+    })
     return directory
 
 

@@ -291,3 +291,24 @@ def test_hostile_rank_pattern_keys_are_refused_quickly(pattern, words, tmp_path)
         surgery.import_peft(fresh, d)
     assert all(w in str(info.value) for w in words), info.value
     assert not surgery.sites(fresh)
+
+
+def test_a_failed_export_leaves_the_old_peft_pair_whole(tmp_path, monkeypatch):
+    """export_peft used to replace the tensors, then fail on the config, leaving new tensors beside the
+    old config, which imported as a mix of the two; now both are staged before either is replaced."""
+    import surgery.peft_format as pf
+
+    first = peft_dir(tmp_path)  # r=2 LoRA, alpha 8, every tensor moved by 0.1
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    model = toy("module")
+    surgery.rewrite(model, LoRA(r=2, alpha=3.0), "*")
+    real_write_text = pf.Path.write_text
+
+    def fail_on_config(self, *a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pf.Path, "write_text", fail_on_config)
+    with pytest.raises(OSError, match="disk full"):
+        surgery.export_peft(model, first)
+    monkeypatch.setattr(pf.Path, "write_text", real_write_text)
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before, "a file of the old pair was replaced"
