@@ -33,6 +33,7 @@ from .lora import LoRA
 from surgery.errors import ConfigError
 
 _SEED = 0  # fixed seed of the randomised SVD (niter), so init and load agree
+_MAX_NITER = 1000  # far past convergence; a larger value (from a file, say) would only make load hang
 
 
 @register
@@ -45,10 +46,11 @@ class PiSSA(LoRA):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.niter is not None and (not isinstance(self.niter, int) or isinstance(self.niter, bool) or self.niter < 0):
+        if self.niter is not None and (not isinstance(self.niter, int) or isinstance(self.niter, bool)
+                                       or not 0 <= self.niter <= _MAX_NITER):
             raise ConfigError(
-                f"PiSSA: niter must be None (exact SVD) or a non-negative integer, got niter={self.niter!r}. "
-                "Use e.g. PiSSA(r=8, niter=4) for a fast randomised SVD."
+                f"PiSSA: niter must be None (exact SVD) or an integer in [0, {_MAX_NITER}], got niter={self.niter!r}. "
+                "Use e.g. PiSSA(r=8, niter=4) for a fast randomised SVD (a few iterations are enough)."
             )
 
     def check(self, site: SiteInit) -> None:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterFileError, MetaDeviceError
-from .ops import all_sites, check_targets, fill_value, install, require_finite
+from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
 from .scope import Scope, scope_of
 from .site import SiteAPI
 from .variant import variant_from_config
@@ -224,6 +224,12 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         want = (base.get("d_in"), base.get("d_out"))
         targets[p] = want if None not in want else None
     check_targets(scope, targets, str(path))
+    header = read_header(path, data)
+    shapes: dict[str, list[tuple]] = {}
+    for k, v in header.items():
+        if k != "__metadata__" and isinstance(v.get("shape"), list):
+            shapes.setdefault(k.rpartition(".")[0], []).append(tuple(v["shape"]))
+    check_ranks(plan, shapes, str(path))
     if meta["fingerprint"] and meta["fingerprint"] != fingerprint(scope):
         warnings.warn(
             f"{path}: the base model differs from the one the adapter was saved on (other parameters or "

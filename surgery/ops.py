@@ -385,6 +385,20 @@ def _untie_config(model: nn.Module) -> None:
 # ----- files: check every target before anything changes -----
 
 
+def check_ranks(plan: dict[str, Variant], shapes: dict[str, list[tuple[int, ...]]], source: str) -> None:
+    """A rank from a file must be a dimension of that site's saved tensors, before anything is allocated
+    (a config r of 10**7 beside (2, 8) tensors would otherwise ask for gigabytes first)."""
+    for path, variant in plan.items():
+        r = getattr(variant, "r", None)
+        dims_ = {d for shape in shapes.get(path, []) for d in shape}
+        if isinstance(r, int) and dims_ and r not in dims_:
+            raise AdapterFileError(
+                f"{source}: the config gives {variant.short()} at {path}, but its saved tensors have shapes "
+                f"{sorted(set(shapes[path]))}, none with a dimension r={r}; the config and the tensors do not belong "
+                "together. Re-save the adapter."
+            )
+
+
 def check_targets(scope: Scope, targets: dict[str, tuple[int, int] | None], source: str) -> None:
     """Each path a file adapts must be an untouched adaptable layer of this model with the saved shape."""
     cands, sites, ok = scope.candidates(), scope.sites(), scope.adaptable()

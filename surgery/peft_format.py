@@ -41,7 +41,7 @@ from torch import nn
 
 from .errors import AdapterFileError, ConfigError, PeftFormatError
 from .io import atomic_write_all, decode, read_bytes, read_header
-from .ops import all_sites, check_targets, fill_value, install, require_finite
+from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
 from .scope import scope_of
 from .site import SiteAPI
 from .site import dims, linear_weight
@@ -493,6 +493,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{weights} has {path}.{unused[0]}, which {plan[path].short()} (from {CONFIG_NAME}) does not use; "
                 "the config and the tensors disagree (use_dora?). Fix the config or re-save the adapter with PEFT."
             )
+
+    check_ranks(plan, {p: [tuple(tensors[k].shape) for k in found.values()] for p, found in by_path.items()},
+                str(directory))
 
     def fill(path: str, site: SiteAPI) -> None:
         for ours, t in site.adapter_tensors().items():

@@ -26,6 +26,15 @@ from .errors import NoMatchError, PatternError, UnsupportedModuleError, WhereTyp
 
 Where = str | Callable[[str, nn.Module], bool] | Iterable[str | Callable[[str, nn.Module], bool]]
 _GLOB_CHARS = set("*?[]{}")
+_SHOWN = 120  # characters of a pattern or path an error message repeats
+
+
+def _show(value: object) -> str:
+    """``repr(value)``, cut short: a pattern of a million characters is not echoed whole."""
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+    return repr(value) if len(value) <= _SHOWN else f"{value[:_SHOWN]!r}... ({len(value)} characters)"
 
 
 @dataclass
@@ -39,7 +48,7 @@ def _expand_braces(s: str) -> list[str]:
     start = s.find("{")
     if start < 0:
         if "}" in s:
-            raise PatternError(f"unbalanced '}}' in pattern {s!r}: braces take alternatives, e.g. '*.{{q_proj,v_proj}}'.")
+            raise PatternError(f"unbalanced '}}' in pattern {_show(s)}: braces take alternatives, e.g. '*.{{q_proj,v_proj}}'.")
         return [s]
     depth = 0
     for i in range(start, len(s)):
@@ -50,7 +59,7 @@ def _expand_braces(s: str) -> list[str]:
             if depth == 0:
                 break
     else:
-        raise PatternError(f"unbalanced '{{' in pattern {s!r}: close it, e.g. '*.{{q_proj,v_proj}}'.")
+        raise PatternError(f"unbalanced '{{' in pattern {_show(s)}: close it, e.g. '*.{{q_proj,v_proj}}'.")
     body, parts, level, last = s[start + 1 : i], [], 0, 0
     for j, ch in enumerate(body):
         if ch == "{":
@@ -77,7 +86,7 @@ def _check_brace_size(s: str) -> None:
             frames.append([0, 1])
             if len(frames) > _MAX_BRACE_DEPTH:
                 raise PatternError(
-                    f"`where` pattern {s[:60]!r}... nests braces more than {_MAX_BRACE_DEPTH} deep; "
+                    f"`where` pattern {_show(s)} nests braces more than {_MAX_BRACE_DEPTH} deep; "
                     "write a flatter pattern or a list of patterns."
                 )
         elif ch == "," and len(frames) > 1:
@@ -88,7 +97,7 @@ def _check_brace_size(s: str) -> None:
             frames[-1][1] = min(frames[-1][1] * (done[0] + done[1]), _MAX_ALTERNATIVES + 1)
     if frames[0][1] > _MAX_ALTERNATIVES:
         raise PatternError(
-            f"`where` pattern {s[:60]!r} expands to more than {_MAX_ALTERNATIVES} alternatives; "
+            f"`where` pattern {_show(s)} expands to more than {_MAX_ALTERNATIVES} alternatives; "
             "use a 're:' regex or a callable instead."
         )
 
@@ -111,7 +120,7 @@ def _glob_tokens(glob: str, entry: str) -> list:
             end = glob.find("]", i + 2 if glob[i + 1 : i + 2] in ("!", "]") else i + 1)
             if end < 0:
                 raise PatternError(
-                    f"unbalanced '[' in pattern {glob!r}: a class needs its ']', e.g. 'model.layers.[0-3].*'."
+                    f"unbalanced '[' in pattern {_show(glob)}: a class needs its ']', e.g. 'model.layers.[0-3].*'."
                 )
             body = glob[i + 1 : end]
             if body.startswith("!"):
@@ -120,12 +129,12 @@ def _glob_tokens(glob: str, entry: str) -> list:
                 out.append(re.compile("[" + body.replace("\\", "\\\\") + "]").fullmatch)
             except (re.error, OverflowError) as e:  # e.g. '[z-a]' or '[!]'
                 raise PatternError(
-                    f"bad character class in `where` pattern {entry!r}: {e}. Write classes like '[0-3]' or '[!0]', "
+                    f"bad character class in `where` pattern {_show(entry)}: {e}. Write classes like '[0-3]' or '[!0]', "
                     "or use a 're:' regex."
                 ) from None
             i = end
         elif ch == "]":
-            raise PatternError(f"unbalanced ']' in pattern {glob!r}: write '[0-3]' for a class of characters.")
+            raise PatternError(f"unbalanced ']' in pattern {_show(glob)}: write '[0-3]' for a class of characters.")
         else:
             out.append(ch.__eq__)
         i += 1
@@ -159,7 +168,7 @@ def compile_one(entry) -> Pattern:
     if not isinstance(entry, str):
         raise WhereTypeError(
             f"`where` entries must be glob strings, 're:' regexes or callables (path, module) -> bool; "
-            f"got {type(entry).__name__} {entry!r}. Example: where='*.k_proj'."
+            f"got {type(entry).__name__} {_show(entry)}. Example: where='*.k_proj'."
         )
     if not entry.strip():
         raise PatternError("empty `where` pattern: name the modules to adapt, e.g. '*.k_proj'.")
@@ -168,7 +177,7 @@ def compile_one(entry) -> Pattern:
             rx = re.compile(entry[3:])
         except (re.error, OverflowError, RecursionError) as e:
             raise PatternError(
-                f"bad regex in `where` {entry!r}: {e}. The part after 're:' is a Python regex matched "
+                f"bad regex in `where` {_show(entry)}: {e}. The part after 're:' is a Python regex matched "
                 r"against the whole path, e.g. 're:.*\.layers\.[0-3]\..*_proj'."
             ) from None
         return Pattern(entry, lambda p, m: rx.fullmatch(p) is not None, literal=False)
@@ -241,7 +250,7 @@ def _raise_unsupported(pat: Pattern, skip: list[str], candidates, is_adaptable) 
     kinds = ", ".join(f"{p} ({type(candidates[p]).__name__})" for p in skip[:5])
     adaptable = [p for p, m in candidates.items() if is_adaptable(m)]
     raise UnsupportedModuleError(
-        f"`where` pattern {pat.label!r} matches only modules no variant can adapt: {kinds}"
+        f"`where` pattern {_show(pat.label)} matches only modules no variant can adapt: {kinds}"
         f"{' ...' if len(skip) > 5 else ''}. Variants adapt linear layers (nn.Linear, GPT-2 Conv1D). "
         f"Adaptable paths look like: {', '.join(adaptable[:3]) or '(none in this model)'}."
     )
@@ -251,14 +260,14 @@ def _raise_no_match(pat: Pattern, skip: list[str], candidates, is_adaptable) -> 
     if skip:
         _raise_unsupported(pat, skip, candidates, is_adaptable)
     paths = list(candidates)
-    probe = re.sub(r"[*?\[\]{}]", "", pat.label.removeprefix("re:"))
+    probe = re.sub(r"[*?\[\]{}]", "", pat.label.removeprefix("re:"))[:200]  # difflib is quadratic
     close = difflib.get_close_matches(probe, paths, n=3, cutoff=0.0) if probe else paths[:3]
     leaves = sorted({p.rsplit(".", 1)[-1] for p, m in candidates.items() if is_adaptable(m)})
     tail = probe.rsplit(".", 1)[-1]
     close_leaves = difflib.get_close_matches(tail, leaves, n=3, cutoff=0.5) if tail else []
     hint = f" Did you mean {', '.join(repr('*.' + n) for n in close_leaves)}?" if close_leaves else ""
     raise NoMatchError(
-        f"`where` pattern {pat.label!r} matches no module of this model.{hint} "
+        f"`where` pattern {_show(pat.label)} matches no module of this model.{hint} "
         f"Closest real paths: {', '.join(close) or '(the model has no submodules)'}. "
         "Globs match whole dotted paths and '*' spans dots, so write '*.k_proj', not 'k_proj'; "
         "surgery.plan(model, where) shows what a pattern hits without changing anything."

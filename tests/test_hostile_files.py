@@ -17,7 +17,7 @@ from torch import nn
 
 import surgery
 import surgery.io
-from adapters import DoRA, LoRA
+from adapters import REGISTRY, DoRA, LoRA
 from models import SCOPES, in_scope, rel_err
 from surgery import errors as E
 
@@ -312,3 +312,25 @@ def test_a_failed_export_leaves_the_old_peft_pair_whole(tmp_path, monkeypatch):
         surgery.export_peft(model, first)
     monkeypatch.setattr(pf.Path, "write_text", real_write_text)
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before, "a file of the old pair was replaced"
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("config, error, words", [
+    ({"r": 10**7}, E.AdapterFileError, ("r=10000000", "do not belong together")),
+    ({"niter": 10**9}, E.ConfigError, ("niter must be None", "[0, 1000]")),
+], ids=["huge-rank", "huge-niter"])
+def test_a_config_asking_for_unbounded_work_is_refused_before_any_is_done(scope, config, error, words, tmp_path):
+    path, _ = adapter_file(tmp_path, "a.safetensors", seed=1, variant=REGISTRY["PiSSA"](r=2, niter=2))
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    sites = json.loads(metadata["sites"])
+    for info in sites.values():
+        info["config"].update(config)
+    metadata["sites"] = json.dumps(sites)
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    model = toy(scope)
+    check = unchanged(model)
+    with pytest.raises(error) as info:
+        surgery.load(model, path)
+    assert all(w in str(info.value) for w in words), info.value
+    check()

@@ -52,3 +52,11 @@ def test_globs_that_backtrack_as_regexes_finish_at_once(glob):
     with pytest.raises(NoMatchError):
         surgery.rewrite(model, LoRA(r=1), glob)
     assert time.perf_counter() - start < 2.0
+
+
+def test_a_huge_pattern_is_not_echoed_whole():
+    model = nn.Sequential(nn.Linear(2, 2))
+    glob = "x" * 1_000_000
+    with pytest.raises(NoMatchError) as info:
+        surgery.rewrite(model, LoRA(r=1), glob)
+    assert len(str(info.value)) < 2_000 and "1000000 characters" in str(info.value)
