@@ -87,7 +87,8 @@ class ModelDirError(SurgeryError, OSError):
 
 
 class OutputPathError(SurgeryError, OSError):
-    """A command's output path cannot be written as asked (a file where a directory goes, the input itself)."""
+    """An output path cannot be written as asked: a directory where a file goes (or the reverse), a
+    missing or unwritable folder, a name too long, the input itself."""
 
 
 class OutputFormatError(SurgeryError, ValueError):

@@ -24,7 +24,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, MetaDeviceError
+from .errors import AdapterFileError, MetaDeviceError, OutputPathError
 from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
 from .scope import Scope, scope_of
 from .site import SiteAPI
@@ -60,23 +60,42 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], Any]]) -> N
     try:
         for path, write in writes.items():
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            if _is(path, Path.is_dir):
+                raise OutputPathError(f"cannot write {path}: it is a directory. Name a file, e.g. {path / 'adapter.safetensors'}.")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # short, so that a target whose name is near the file system's limit still gets a temporary
+                tmp = str(path.parent / f".surgery-{secrets.token_hex(6)}.tmp")
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            except OSError as e:
+                raise OutputPathError(
+                    f"cannot write {path}: {e.strerror or e} (at {e.filename or path.parent}). Check that the folder "
+                    "exists or can be made, is a folder, and is writable."
+                ) from None
             staged.append((tmp, path))
             # writers such as safetensors' save_file leave 0o600 files: keep the old file's mode, else the umask's
-            mode = (path if path.is_file() else Path(tmp)).stat().st_mode & 0o777
+            mode = (path if _is(path, Path.is_file) else Path(tmp)).stat().st_mode & 0o777
             write(tmp)
             os.chmod(tmp, mode)
             with open(tmp, "rb") as f:  # on disk before the rename, so a crash leaves old or new, never half
                 os.fsync(f.fileno())
         for tmp, path in staged:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as e:  # e.g. a name longer than the file system allows
+                raise OutputPathError(f"cannot write {path}: {e.strerror or e}. Choose a shorter or other name.") from None
     except BaseException:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         raise
+
+
+def _is(path: Path, test: Callable[[Path], bool]) -> bool:
+    try:
+        return test(path)
+    except OSError:  # a name too long for the file system: the write below says so, with our error
+        return False
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
@@ -144,7 +163,9 @@ def read_header(path: str | os.PathLike, data: bytes | None = None) -> dict[str,
             raise AdapterFileError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt.") from None
     if not isinstance(header, dict) or not all(
         k == "__metadata__" or (isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
-                                and len(v["data_offsets"]) == 2 and all(type(o) is int for o in v["data_offsets"]))
+                                and len(v["data_offsets"]) == 2 and all(type(o) is int for o in v["data_offsets"])
+                                and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+                                and all(type(d) is int and d >= 0 for d in v["shape"]))
         for k, v in header.items()
     ):
         raise AdapterFileError(

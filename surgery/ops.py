@@ -20,6 +20,7 @@ from .errors import (
     AdapterFileError,
     AlreadyRewrittenError,
     BaseMismatchError,
+    ConfigError,
     DenseWeightError,
     IdentityError,
     MetaDeviceError,
@@ -103,6 +104,11 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
 
 def site_init(base: Base, variant: Variant, *, calibration: Any = None, loading: bool = False) -> SiteInit:
     w, path = base.weight, base.path
+    if variant.dtype is not None and not (isinstance(variant.dtype, torch.dtype) and variant.dtype.is_floating_point):
+        raise ConfigError(
+            f"{variant.short()}: dtype must be a floating torch dtype for the adapter tensors, got {variant.dtype!r}. "
+            f"Use e.g. {variant.name}(dtype=torch.float32), or leave it None (float32 on half-precision bases)."
+        )
     d_in, d_out = dims(w, base.layout)
     meta = isinstance(w, torch.Tensor) and w.device.type == "meta"
     if isinstance(w, torch.Tensor) and not meta and not w.is_floating_point():

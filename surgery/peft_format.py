@@ -398,10 +398,13 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         config = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise AdapterFileError(f"{cfg_path} is not valid JSON ({e}); re-save the adapter with PEFT.") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{cfg_path} holds a JSON {type(config).__name__}, not an object of config fields; "
+                               "re-save the adapter with PEFT.")
     peft_type = config.get("peft_type")
-    if peft_type not in _IMPORT:
+    if not isinstance(peft_type, str) or peft_type not in _IMPORT:
         raise PeftFormatError(
             f"{cfg_path}: peft_type={peft_type!r} is not supported; import_peft reads {sorted(_IMPORT)}. "
             "Merge it with PEFT (merge_and_unload) and load the merged checkpoint instead."
