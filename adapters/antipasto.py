@@ -57,6 +57,7 @@ class AntiPaSTO(Variant):
     alpha: float = 1.0  # steering coefficient c
 
     frozen = ("antipasto_U", "antipasto_S", "antipasto_V")
+    base_bound = True
 
     def __post_init__(self):
         require_positive_rank(self, self.r)

@@ -44,6 +44,7 @@ class DeLoRA(Variant):
     dropout: float = 0.0
 
     frozen = ("delora_w_norm",)
+    base_bound = True
 
     def __post_init__(self):
         require_positive_rank(self, self.r)

@@ -40,6 +40,7 @@ from .lora import LoRA
 @dataclass(frozen=True)
 class DoRA(LoRA):
     needs_weight = True
+    base_bound = True
 
     def init(self, site: SiteInit) -> dict[str, torch.Tensor]:
         tensors = super().init(site)

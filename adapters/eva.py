@@ -62,6 +62,7 @@ class EVA(LoRA):
     rho: float = 2.0
 
     needs_calibration = True
+    base_bound = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -43,6 +43,7 @@ class PiSSA(LoRA):
 
     identity_tol = 1e-5
     needs_weight = True
+    base_bound = True
 
     def __post_init__(self):
         super().__post_init__()

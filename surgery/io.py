@@ -24,11 +24,11 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, MetaDeviceError, OutputPathError
+from .errors import AdapterFileError, BaseMismatchError, MetaDeviceError, OutputPathError
 from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
 from .scope import Scope, scope_of
-from .site import SiteAPI
-from .variant import variant_from_config
+from .site import SiteAPI, linear_weight
+from .variant import Variant, variant_from_config
 
 FORMAT = "model-surgery"
 VERSION = 1
@@ -98,6 +98,54 @@ def _is(path: Path, test: Callable[[Path], bool]) -> bool:
         return False
 
 
+_SAMPLE = 64  # values of each adapted base weight kept in the file to recognise the base it was made on
+
+
+def weight_sample(w: torch.Tensor) -> list[float] | None:
+    """``_SAMPLE`` values of a weight (nn.Linear layout) at fixed evenly spaced positions, as floats.
+
+    Cheap whatever the size (a hash of a 7B model's weights would take tens of seconds), and enough to
+    tell another base, or this base with an adapter already merged into it, from the one saved on.
+    """
+    if w.device.type == "meta":
+        return None
+    flat = w.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).round().long()
+    return flat[idx.to(flat.device)].float().cpu().tolist()
+
+
+def _same_sample(saved: list[float], now: list[float], saved_dtype: str, now_dtype: torch.dtype) -> bool:
+    """Equal values, compared in the coarser of the two dtypes (a float32 file on a bfloat16 base)."""
+    if len(saved) != len(now):
+        return False
+    a, b = torch.tensor(saved, dtype=torch.float32), torch.tensor(now, dtype=torch.float32)
+    coarse = [d for d in (getattr(torch, saved_dtype, None), now_dtype)
+              if isinstance(d, torch.dtype) and d.is_floating_point and torch.finfo(d).bits < 32]
+    if coarse:
+        dt = max(coarse, key=lambda d: torch.finfo(d).eps)
+        a, b = a.to(dt), b.to(dt)
+    return torch.equal(a, b)
+
+
+def check_base_sample(scope: Scope, meta: dict[str, Any], plan: dict[str, Variant], path) -> None:
+    """Each adapted weight must be the one the file was saved on: an error for variants whose tensors were
+    computed from it (``Variant.base_bound``), a warning for the rest."""
+    for p, info in meta["sites"].items():
+        saved = info.get("base", {}).get("sample")
+        base = scope.base(p)
+        now = weight_sample(linear_weight(base.weight, base.layout))
+        if not isinstance(saved, list) or now is None or _same_sample(saved, now, info["base"].get("dtype", ""), base.weight.dtype):
+            continue
+        what = (f"{path} was saved on another base: the weight of {p} differs from the one {plan[p].short()} was "
+                "made on (another checkpoint, or this adapter already merged into it?)")
+        if plan[p].base_bound:
+            raise BaseMismatchError(
+                f"{what}. {plan[p].name}'s tensors were computed from that weight, so the result would be wrong. "
+                "Load it onto the base it was trained on, or pass check_base=False if you know better."
+            )
+        warnings.warn(f"{what}; {plan[p].name} only adds to the base, so loading goes on.", stacklevel=3)
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter (tensors + configs + base fingerprint) to a safetensors file, atomically."""
     scope = scope_of(model)
@@ -117,7 +165,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             "variant": s.variant.name,
             "config": s.variant.to_config(),
             "base": {"class": s.base_class, "layout": s.layout, "d_in": s.d_in, "d_out": s.d_out,
-                     "dtype": str(s.weight.dtype).removeprefix("torch.")},
+                     "dtype": str(s.weight.dtype).removeprefix("torch."), "sample": weight_sample(s.original_weight)},
         }
     metadata = {"format": FORMAT, "version": str(VERSION), "sites": json.dumps(meta),
                 "fingerprint": fingerprint(scope)}
@@ -229,11 +277,13 @@ def _site_entry_problem(info: Any) -> str | None:
     return None
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
     """Rewrite a fresh base as recorded in ``path`` and fill in the saved tensors; returns ``model``.
 
     Every target is checked against the model first; each site is then built and filled from the file
-    before any of them goes in, so a bad file leaves the model as it was.
+    before any of them goes in, so a bad file leaves the model as it was. ``check_base``: compare a
+    sample of each adapted weight with the one saved in the file, and refuse another base for variants
+    computed from it (PiSSA, DoRA, DeLoRA, EVA, AntiPaSTO; a warning for the others).
     """
     data = read_bytes(path)
     meta = read_metadata(path, data)
@@ -251,6 +301,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if k != "__metadata__" and isinstance(v.get("shape"), list):
             shapes.setdefault(k.rpartition(".")[0], []).append(tuple(v["shape"]))
     check_ranks(plan, shapes, str(path))
+    if check_base:
+        check_base_sample(scope, meta, plan, path)
     if meta["fingerprint"] and meta["fingerprint"] != fingerprint(scope):
         warnings.warn(
             f"{path}: the base model differs from the one the adapter was saved on (other parameters or "

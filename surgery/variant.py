@@ -126,6 +126,7 @@ class Variant:
     frozen: ClassVar[tuple[str, ...]] = ()  # tensor names stored as (persistent) buffers
     needs_weight: ClassVar[bool] = True  # needs the dense base weight (False: works on opaque layers)
     needs_calibration: ClassVar[bool] = False
+    base_bound: ClassVar[bool] = False  # init computes tensors from the base weight: another base makes them wrong
 
     # ----- behaviour every variant provides -----
     def init(self, site: SiteInit) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import surgery
 from adapters import DeLoRA
 from models import BERT, GPT2, LLAMA, QWEN3, rel_err
 from peft_twin import assert_same_outputs, copy_from_peft, peft_model, randomise_peft
-from surgery.errors import ConfigError
+from surgery.errors import BaseMismatchError, ConfigError
 
 LINEAR = [LLAMA, QWEN3, BERT]  # PEFT refuses GPT-2's Conv1D for DeLoRA
 
@@ -96,7 +96,9 @@ def test_loaded_adapter_keeps_its_saved_column_norms(tmp_path):
     for p, s in surgery.sites(model).items():  # Conv1D stores W^T (d_in, d_out): W's columns are its rows
         assert rel_err(saved[p], s.weight.detach().double().norm(dim=1)) <= 1e-6
     surgery.save(model, tmp_path / "a.safetensors")
-    other = surgery.load(GPT2.model(seed=5), tmp_path / "a.safetensors")
+    with pytest.raises(BaseMismatchError, match="saved on another base"):  # w was computed from W
+        surgery.load(GPT2.model(seed=5), tmp_path / "a.safetensors")
+    other = surgery.load(GPT2.model(seed=5), tmp_path / "a.safetensors", check_base=False)
     for p, s in surgery.sites(other).items():
         assert torch.equal(s.delora_w_norm, saved[p])
         assert not torch.allclose(s.delora_w_norm, s.weight.detach().norm(dim=1))  # Conv1D: W^T's columns

@@ -362,3 +362,51 @@ def test_a_save_that_cannot_be_written_names_the_users_path(target, tmp_path):
         surgery.save(model, path)
     assert str(path)[:100] in str(info.value) and ".tmp" not in str(info.value), info.value
     assert sorted(p.name for p in tmp_path.rglob("*")) == listing, "a temporary file was left behind"
+
+
+# ----- the base a file was saved on -----
+
+
+def _base_cases():
+    return [("LoRA", LoRA(r=2), "warn"), ("DoRA", DoRA(r=2), "refuse"), ("PiSSA", REGISTRY["PiSSA"](r=2), "refuse")]
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("name, variant, policy", _base_cases(), ids=[c[0] for c in _base_cases()])
+@pytest.mark.parametrize("other", ["another-seed", "merged-into"])
+def test_a_file_on_a_base_with_the_same_shapes_but_other_weights(scope, name, variant, policy, other, tmp_path):
+    """It used to load silently (outputs off by 1.3 relative): now DoRA and PiSSA, whose tensors were computed
+    from the base weight, refuse; LoRA, which only adds, warns; check_base=False loads it as before."""
+    path, want = adapter_file(tmp_path, "a.safetensors", seed=1, variant=variant)
+    if other == "another-seed":
+        model = toy(scope, seed=5)
+    else:  # the same adapter already merged into the base
+        merged = toy("module")
+        surgery.load(merged, path)
+        surgery.merge(merged)
+        model = in_scope(scope, merged, X)
+    check = unchanged(model)
+    if policy == "refuse":
+        with pytest.raises(E.BaseMismatchError, match=rf"saved on another base.*{name}'s tensors were computed"):
+            surgery.load(model, path)
+        check()
+    else:
+        with pytest.warns(UserWarning, match="saved on another base.*only adds to the base"):
+            surgery.load(model, path)
+        surgery.restore(model)
+    surgery.load(model, path, check_base=False)
+    assert surgery.sites(model)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_the_right_base_in_another_dtype_loads_without_a_word(scope, tmp_path):
+    import warnings
+
+    path, _ = adapter_file(tmp_path, "a.safetensors", seed=1, variant=DoRA(r=2))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6)).eval().to(torch.bfloat16)
+    model = in_scope(scope, model, X.to(torch.bfloat16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        surgery.load(model, path)
+    assert len(surgery.sites(model)) == 2
