@@ -229,7 +229,7 @@ def match(
     patterns = compile_where(where)
     result = Matches()
     for pat in patterns:
-        hit, skip = [], []
+        hit, skip, containers = [], [], []
         for path, mod in candidates.items():
             if not pat.test(path, mod):
                 continue
@@ -237,8 +237,18 @@ def match(
                 hit.append(path)
             elif not any(True for _ in mod.children()):
                 skip.append(path)
+            else:
+                containers.append(path)
         result.hits[pat.label] = hit
         result.skipped[pat.label] = skip
+        if strict and not hit and not skip and containers:
+            inside = [p for p in candidates if p.startswith(containers[0] + ".") and is_adaptable(candidates[p])]
+            raise UnsupportedModuleError(
+                f"`where` pattern {_show(pat.label)} names {containers[0]}, a {type(candidates[containers[0]]).__name__} "
+                f"that holds other modules; variants adapt its linear layers, not the container. Write "
+                f"{_show(containers[0] + '.*')} for all of them"
+                + (f", or name one, e.g. {_show(inside[0])}." if inside else " (it holds none).")
+            )
         if strict and not hit:
             _raise_no_match(pat, skip, candidates, is_adaptable)
         if strict and pat.literal and skip:

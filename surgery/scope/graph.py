@@ -244,17 +244,24 @@ class GraphScope(Scope):
         return {p: m for p, m in _state(self.model)["modules"].items() if p and not p.startswith(inside)}
 
     def adaptable(self) -> set[str]:
-        return set(regions(self.model))
+        # adaptable classes the graph never runs are included, so that naming one is refused by base() with
+        # the reason, instead of "no variant can adapt a Linear"
+        modules = _state(self.model)["modules"]
+        return set(regions(self.model)) | {p for p, m in modules.items() if p and layout_of_class(type(m))}
 
     def sites(self) -> dict[str, GraphSite]:
-        return {p: GraphSite(self.model, rec, self.model.get_submodule(p)) for p, rec in self._records.items()}
+        records = self._records
+        return {p: GraphSite(self.model, records[p], self.model.get_submodule(p))  # in model order, as module scope
+                for p in _state(self.model)["modules"] if p in records}
 
     def base(self, path: str) -> Base:
         reg = regions(self.model).get(path)
         if reg is None or reg.calls != 1:
             raise GraphScopeError(
                 f"{path} cannot be a graph-scope site: "
-                + ("it does not appear as a plain linear region in the graph" if reg is None else
+                + ("it never runs as a plain linear map in the traced graph (not called by the forward that was "
+                   "traced, so an adapter there would be a silent no-op, or called in a way the graph does not "
+                   "show as one linear region)" if reg is None else
                    f"it runs {reg.calls} times in the graph, and each call would need its own site")
                 + ". Rewrite the eager model instead (module scope), or leave it out of `where`."
             )
