@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError
+from .errors import CalibrationError, SurgeryError
 from .variant import Variant
 
 if TYPE_CHECKING:  # only for annotations: scopes do not import this module
@@ -53,6 +53,11 @@ def collect(scope: Scope, variant: Variant, paths: list[str], calibration: Itera
             rows = x[m]
         else:
             rows = x.reshape(-1, x.shape[-1])
+        if not torch.isfinite(rows).all():
+            raise CalibrationError(
+                f"{variant.name}: the calibration batches give NaN or Inf inputs at {path} (batch {n + 1}); "
+                "check the batches (and the base weights before that layer)."
+            )
         states[path] = variant.observe(states[path], rows.float())
 
     modes = [(m, m.training) for m in model.modules()]  # per module: model.train(was) would flatten mixed modes
@@ -64,7 +69,17 @@ def collect(scope: Scope, variant: Variant, paths: list[str], calibration: Itera
             for batch in tqdm(calibration, desc=f"{variant.name} calibration", unit="batch", leave=False):
                 am = batch.get("attention_mask") if isinstance(batch, dict) else None
                 mask[0] = None if am is None else am.bool()
-                _call(model, batch)
+                try:
+                    _call(model, batch)
+                except SurgeryError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the model refused the batch: say which and why
+                    raise CalibrationError(
+                        f"{variant.name}: the model failed on calibration batch {n + 1} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}). Pass batches exactly "
+                        "as the model takes them: dicts of keyword tensors (a tokenizer's output), tuples or tensors "
+                        "of the right shape and dtype."
+                    ) from e
                 n += 1
     finally:
         for m, mode in modes:

@@ -410,3 +410,57 @@ def test_the_right_base_in_another_dtype_loads_without_a_word(scope, tmp_path):
         warnings.simplefilter("error")
         surgery.load(model, path)
     assert len(surgery.sites(model)) == 2
+
+
+# ----- real causes named, not "a bug in the variant" -----
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("batch, words", [
+    (torch.full((4, 8), float("nan")), ("NaN or Inf inputs at 0", "batch 1")),
+    (torch.randn(4, 5), ("failed on calibration batch 1", "right shape")),
+], ids=["nan-batch", "wrong-width"])
+def test_bad_calibration_batches_are_named(scope, batch, words):
+    model = toy(scope)
+    check = unchanged(model)
+    with pytest.raises(E.CalibrationError) as info:
+        surgery.rewrite(model, REGISTRY["EVA"](r=2), "*", calibration=[batch])
+    assert all(w in str(info.value) for w in words), info.value
+    check()
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_nan_base_weight_is_named_as_such(scope):
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6)).eval()
+    model = in_scope(scope, eager, X)
+    with torch.no_grad():
+        eager[2].weight[0, 0] = float("nan")  # shared with the trace
+    with pytest.raises(E.NonFiniteError, match="base weight or bias of 2 holds NaN"):
+        surgery.rewrite(model, LoRA(r=2), "*")
+    assert not surgery.sites(model)
+
+
+def test_merge_with_warnings_as_errors_changes_nothing():
+    """Merging a tied lm_head warns; with warnings raised as errors the merge must not be half done."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    surgery.rewrite(model, LoRA(r=2), ["lm_head", "*.k_proj"])
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.adapter_tensors()["lora_B"].add_(0.1)
+    check_state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="untied"):
+            surgery.merge(model)
+    assert len(surgery.sites(model)) == 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in check_state.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.lm_head.base.weight is model.model.embed_tokens.weight
