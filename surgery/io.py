@@ -60,6 +60,13 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], Any]]) -> N
     try:
         for path, write in writes.items():
             path = Path(path)
+            if _is(path, Path.is_symlink):  # write the file the link points to, and keep the link
+                path = path.resolve()
+            if _is(path, Path.is_file) and not path.stat().st_mode & 0o222:
+                raise OutputPathError(
+                    f"cannot write {path}: the file is read-only (mode {oct(path.stat().st_mode & 0o777)}), which "
+                    "usually means it is meant to be kept. Remove it or make it writable (chmod u+w) first."
+                )
             if _is(path, Path.is_dir):
                 raise OutputPathError(f"cannot write {path}: it is a directory. Name a file, e.g. {path / 'adapter.safetensors'}.")
             try:

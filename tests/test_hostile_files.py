@@ -464,3 +464,20 @@ def test_merge_with_warnings_as_errors_changes_nothing():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in check_state.items())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert model.lm_head.base.weight is model.model.embed_tokens.weight
+
+
+def test_a_save_writes_through_a_symlink_and_refuses_a_read_only_file(tmp_path):
+    model = toy("module")
+    surgery.rewrite(model, LoRA(r=2), "*")
+    real = tmp_path / "real.safetensors"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(real)
+    surgery.save(model, link)
+    assert link.is_symlink() and real.read_bytes() != b"old"
+    assert surgery.sites(surgery.load(toy("module"), link))
+    real.chmod(0o444)
+    before = real.read_bytes()
+    with pytest.raises(E.OutputPathError, match="read-only"):
+        surgery.save(model, real)
+    assert real.read_bytes() == before
