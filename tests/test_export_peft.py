@@ -12,17 +12,26 @@ from safetensors.torch import load_file
 import surgery
 from adapters import REGISTRY
 from cases import CASES
-from models import GPT2, LLAMA, calibration_batches, randomise_adapters, rel_err
+from models import GPT2, LLAMA, SCOPES, calibration_batches, in_scope, randomise_adapters, rel_err
 from surgery.errors import NotRewrittenError, PeftFormatError
 
 PEFT_REFUSES_CONV1D = {"HRA", "DeLoRA", "ROAD"}  # PEFT 0.21 raises TypeError on GPT-2's Conv1D for these
 
 
-def adapted(family, case, base):
-    model = copy.deepcopy(base)
+def fresh(scope, family, base=None):
+    """A copy of ``base`` (default: the family's model) as the verbs see it in ``scope``: the eager copy,
+    or a fresh trace of it (its parameters are shared with the copy, never with ``base``)."""
+    model = copy.deepcopy(base) if base is not None else family.model()
+    return in_scope(scope, model, **family.inputs())
+
+
+def adapted(scope, family, case, base):
+    model = fresh(scope, family, base)
     surgery.rewrite(model, case.variant, family.where, calibration=calibration_batches(family, case))
     randomise_adapters(model, scale=0.1, seed=3)
-    return model.eval()
+    if scope == "module":  # a GraphModule from torch.export refuses .eval(); it was traced in eval mode
+        model.eval()
+    return model
 
 
 def peft_load(base, directory):
@@ -31,11 +40,12 @@ def peft_load(base, directory):
     return PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
 
 
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("family", [LLAMA, GPT2], ids=lambda f: f.name)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_export_loads_in_peft_with_equal_outputs(case, family, tmp_path):
-    base = family.model()
-    ours = adapted(family, case, base)
+def test_export_loads_in_peft_with_equal_outputs(case, family, scope, tmp_path):
+    base = family.model()  # PEFT always loads onto a copy of this eager base, whatever the scope
+    ours = adapted(scope, family, case, base)
     x = family.inputs()
     want = family.out(ours, x)
     assert rel_err(want, family.out(base, x)) > 1e-4, "the randomised adapter changed nothing"
@@ -52,12 +62,13 @@ def test_export_loads_in_peft_with_equal_outputs(case, family, tmp_path):
     pm = peft_load(base, tmp_path)
     got = family.out(pm, x)
     err = rel_err(got, want)
-    assert err <= 1e-5, f"{case.id} on {family.name}: PEFT's outputs differ from ours by {err:.3g}"
+    assert err <= 1e-5, f"{case.id} on {family.name} ({scope} scope): PEFT's outputs differ from ours by {err:.3g}"
     assert sorted(config["target_modules"]) == sorted(surgery.sites(ours))
 
 
-def test_lora_config_fields_map_from_ours(tmp_path):
-    model = LLAMA.model()
+@pytest.mark.parametrize("scope", SCOPES)
+def test_lora_config_fields_map_from_ours(scope, tmp_path):
+    model = fresh(scope, LLAMA)
     surgery.rewrite(model, REGISTRY["LoRA"](r=4, alpha=12, dropout=0.1, rslora=True), LLAMA.where)
     surgery.export_peft(model, tmp_path)
     c = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -68,8 +79,9 @@ def test_lora_config_fields_map_from_ours(tmp_path):
     assert {f"base_model.model.{path}.lora_A.weight", f"base_model.model.{path}.lora_B.weight"} <= keys
 
 
-def test_pissa_exports_as_rank_2r_lora_on_the_original_base(tmp_path):
-    model = LLAMA.model()
+@pytest.mark.parametrize("scope", SCOPES)
+def test_pissa_exports_as_rank_2r_lora_on_the_original_base(scope, tmp_path):
+    model = fresh(scope, LLAMA)
     surgery.rewrite(model, REGISTRY["PiSSA"](r=4, alpha=8), LLAMA.where)
     surgery.export_peft(model, tmp_path)
     c = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -77,8 +89,9 @@ def test_pissa_exports_as_rank_2r_lora_on_the_original_base(tmp_path):
 
 
 @pytest.mark.skipif("EVA" not in REGISTRY, reason="no EVA variant")
-def test_eva_per_site_ranks_go_to_rank_and_alpha_patterns(tmp_path):
-    model = LLAMA.model()
+@pytest.mark.parametrize("scope", SCOPES)
+def test_eva_per_site_ranks_go_to_rank_and_alpha_patterns(scope, tmp_path):
+    model = fresh(scope, LLAMA)
     calibration = [LLAMA.inputs(batch=4, seq=8, seed=s) for s in range(3)]
     surgery.rewrite(model, REGISTRY["EVA"](r=4, alpha=8), LLAMA.where, calibration=calibration)
     ranks = {p: s.variant.r for p, s in surgery.sites(model).items()}
@@ -93,29 +106,30 @@ def test_eva_per_site_ranks_go_to_rank_and_alpha_patterns(tmp_path):
         assert c["alpha_pattern"].get(akey, c["lora_alpha"]) == pytest.approx(8 * r / 4)
 
 
-def test_mixed_methods_are_one_adapter_or_a_clear_error(tmp_path):
+@pytest.mark.parametrize("scope", SCOPES)
+def test_mixed_methods_are_one_adapter_or_a_clear_error(scope, tmp_path):
     base = LLAMA.model()
-    model = copy.deepcopy(base)  # LoRA + PiSSA: both plain LoRA in PEFT, different r -> rank_pattern
+    model = fresh(scope, LLAMA, base)  # LoRA + PiSSA: both plain LoRA in PEFT, different r -> rank_pattern
     surgery.rewrite(model, REGISTRY["LoRA"](r=2, alpha=4), "*.k_proj")
     surgery.rewrite(model, REGISTRY["PiSSA"](r=4, alpha=8), "*.v_proj")
     with torch.no_grad():
         for s in surgery.sites(model).values():
-            s.lora_B.add_(0.1)
+            s.adapter_tensors()["lora_B"].add_(0.1)
     surgery.export_peft(model, tmp_path)
     x = LLAMA.inputs()
     assert rel_err(LLAMA.out(peft_load(base, tmp_path), x), LLAMA.out(model, x)) <= 1e-5
 
-    mixed = copy.deepcopy(base)
+    mixed = fresh(scope, LLAMA, base)
     surgery.rewrite(mixed, REGISTRY["LoRA"](r=2), "*.k_proj")
     surgery.rewrite(mixed, REGISTRY["DoRA"](r=2), "*.v_proj")
     with pytest.raises(PeftFormatError, match="use_dora"):
         surgery.export_peft(mixed, tmp_path / "mixed")
-    ia3 = copy.deepcopy(base)
+    ia3 = fresh(scope, LLAMA, base)
     surgery.rewrite(ia3, REGISTRY["LoRA"](r=2), "*.k_proj")
     surgery.rewrite(ia3, REGISTRY["IA3"](), "*.v_proj")
     with pytest.raises(PeftFormatError, match="peft_type"):
         surgery.export_peft(ia3, tmp_path / "ia3")
-    drop = copy.deepcopy(base)
+    drop = fresh(scope, LLAMA, base)
     surgery.rewrite(drop, REGISTRY["LoRA"](r=2, dropout=0.1), "*.k_proj")
     surgery.rewrite(drop, REGISTRY["LoRA"](r=2), "*.v_proj")
     with pytest.raises(PeftFormatError, match="lora_dropout"):
@@ -123,20 +137,23 @@ def test_mixed_methods_are_one_adapter_or_a_clear_error(tmp_path):
 
 
 @pytest.mark.skipif("AntiPaSTO" not in REGISTRY, reason="no AntiPaSTO variant")
-def test_a_full_rank_delta_without_peft_peer_is_refused(tmp_path):
-    model = LLAMA.model()
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_full_rank_delta_without_peft_peer_is_refused(scope, tmp_path):
+    model = fresh(scope, LLAMA)
     surgery.rewrite(model, REGISTRY["AntiPaSTO"](r=16, rotate_basis="V"), "*.k_proj")  # k_proj is 16x32: full rank
     with torch.no_grad():
         for s in surgery.sites(model).values():
-            s.antipasto_delta.add_(0.3)
-            s.antipasto_rot.add_(0.3)
+            s.adapter_tensors()["antipasto_delta"].add_(0.3)
+            s.adapter_tensors()["antipasto_rot"].add_(0.3)
     with pytest.raises(PeftFormatError, match="rank 16"):
         surgery.export_peft(model, tmp_path)
 
 
-def test_export_needs_sites(tmp_path):
+@pytest.mark.parametrize("scope", SCOPES)
+def test_export_needs_sites(scope, tmp_path):
     with pytest.raises(NotRewrittenError):
-        surgery.export_peft(LLAMA.model(), tmp_path)
+        surgery.export_peft(fresh(scope, LLAMA), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 class _Nested(torch.nn.Module):
@@ -152,15 +169,16 @@ class _Nested(torch.nn.Module):
         return self.sub.fc(self.fc(x))
 
 
-def test_targets_are_exact_even_where_a_list_would_over_match(tmp_path):
+@pytest.mark.parametrize("scope", SCOPES)
+def test_targets_are_exact_even_where_a_list_would_over_match(scope, tmp_path):
     from peft import PeftModel
 
     torch.manual_seed(0)
     base = _Nested()
-    model = copy.deepcopy(base)
+    model = in_scope(scope, copy.deepcopy(base), torch.randn(3, 8))
     surgery.rewrite(model, REGISTRY["IA3"](feedforward=("fc",)), "fc")
     with torch.no_grad():
-        surgery.sites(model)["fc"].ia3_l.uniform_(0.5, 1.5)
+        surgery.sites(model)["fc"].adapter_tensors()["ia3_l"].uniform_(0.5, 1.5)
     surgery.export_peft(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert isinstance(config["target_modules"], str)

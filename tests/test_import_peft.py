@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import surgery
-from models import GPT2, LLAMA, rel_err
+from adapters import LoRA
+from models import GPT2, LLAMA, SCOPES, in_scope, rel_err
 from peft_twin import peft_model, randomise_peft
 from surgery.errors import AdapterFileError, BaseMismatchError, PeftFormatError
 
@@ -49,17 +50,26 @@ def saved_peft(family, config, directory):
     return base, pm
 
 
+def fresh(scope, family, base=None):
+    """A fresh base as the verbs see it in ``scope``: an eager copy, or a fresh trace of one."""
+    model = copy.deepcopy(base) if base is not None else family.model()
+    return in_scope(scope, model, **family.inputs())
+
+
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("name,family", ROWS, ids=[f"{n}-{f.name}" for n, f in ROWS])
-def test_import_reproduces_peft(name, family, tmp_path):
+def test_import_reproduces_peft(name, family, scope, tmp_path):
     base, pm = saved_peft(family, _config(name, family), tmp_path)
     x = family.inputs()
     want = family.out(pm, x)
     assert rel_err(want, family.out(base, x)) > 1e-4, "PEFT's randomised adapter changed nothing"
-    ours = surgery.import_peft(copy.deepcopy(base), tmp_path).eval()
+    ours = surgery.import_peft(fresh(scope, family, base), tmp_path)
+    if scope == "module":  # a GraphModule from torch.export refuses .eval(); it was traced in eval mode
+        ours.eval()
     n_peft = sum(1 for n, _ in pm.named_modules() if n.endswith("base_layer"))
     assert len(surgery.sites(ours)) == n_peft
     err = rel_err(family.out(ours, x), want)
-    assert err <= 1e-5, f"{name} on {family.name}: ours differs from PeftModel by {err:.3g}"
+    assert err <= 1e-5, f"{name} on {family.name} ({scope} scope): ours differs from PeftModel by {err:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +141,44 @@ def test_export_then_import_round_trip(lora_dir, tmp_path):
     again = surgery.import_peft(LLAMA.model(), tmp_path / "again")
     x = LLAMA.inputs()
     assert torch.equal(LLAMA.out(again, x), LLAMA.out(model, x))
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["fresh-base", "after-a-rewrite"])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_failed_import_leaves_requires_grad_as_it_was(lora_dir, tmp_path, scope, earlier):
+    """One module's lora_B is missing from an otherwise valid PEFT directory: the import fails and
+    every parameter keeps its flag (a mixed pattern of the user's own, or that of an earlier rewrite)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    gone = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    assert gone in tensors and len(tensors) == 8
+    del tensors[gone]
+    d = tmp_path / "incomplete"
+    d.mkdir()
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text((lora_dir / "adapter_config.json").read_text())
+
+    model = fresh(scope, LLAMA)
+    for n, p in model.named_parameters():  # the user's own mix: embeddings and layer 0 frozen
+        p.requires_grad_(not (n.startswith("model.embed_tokens") or n.startswith("model.layers.0.")))
+    users = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert len(set(users.values())) == 2
+    if earlier:
+        surgery.rewrite(model, LoRA(r=2), "*.down_proj")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    sites = list(surgery.sites(model))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    code = model.code if scope == "graph" else None
+
+    with pytest.raises(AdapterFileError, match="layers.1.self_attn.v_proj.lora_B"):
+        surgery.import_peft(model, d)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert list(surgery.sites(model)) == sites
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+    if scope == "graph":
+        assert model.code == code
+    if earlier:  # the flags from before the first rewrite are still what restore gives back
+        surgery.restore(model)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == users

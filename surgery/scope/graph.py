@@ -157,6 +157,15 @@ class GraphSite(SiteAPI):
     def _owner(self) -> nn.Module:
         return self.holder
 
+    def __getattr__(self, name: str) -> torch.Tensor:
+        """An adapter tensor by name (``site.lora_A``), as on a module-scope Site."""
+        if name.startswith("_") or name in ("record", "holder"):
+            raise AttributeError(name)
+        tensors = self.adapter_tensors()
+        if name in tensors:
+            return tensors[name]
+        raise AttributeError(f"{type(self).__name__} at {self.path} has no attribute or adapter tensor {name!r}")
+
     @property
     def weight(self) -> torch.Tensor:
         return self.holder.weight
@@ -185,6 +194,7 @@ class GraphTxn(Txn):
     def stage(self, base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Staged:
         gm, graph, path = self.gm, self.graph, base.path
         reg = self.found[path]
+        x = reg.first.args[0]  # now: a site spliced before this one may feed it (its adapted output)
         original = base.module
         holder = _holder(original)
         orig_weight = None
@@ -193,8 +203,8 @@ class GraphTxn(Txn):
             holder.weight = nn.Parameter(w, requires_grad=False)
             orig_weight = original.weight
         modules = attach(holder, variant, tensors)
-        for m in modules.values():
-            m.train(gm.training)
+        for m in modules.values():  # the mode of the user's module (an exported GraphModule is always "training")
+            m.train(_state(gm)["modules"][path].training)
         meta = {"site": path, "variant": variant.short()}
         with graph.inserting_before(reg.first):
             w_node = graph.get_attr(f"{path}.weight")
@@ -207,7 +217,7 @@ class GraphTxn(Txn):
         vg = trace_variant(variant, {n: getattr(holder, n) for n in tensors}, modules, ctx.dtype, holder.weight.dtype,
                            has_bias=holder.bias is not None, site=info)
         add_constants(holder, vg)
-        new = splice(graph, vg, x=reg.x, y=reg.y, weight=w_lin, bias=b_node, prefix=path + ".", meta=meta)
+        new = splice(graph, vg, x=x, y=reg.y, weight=w_lin, bias=b_node, prefix=path + ".", meta=meta)
         for n in dict.fromkeys(inputs):  # the weight/bias nodes the variant does not read are bookkeeping
             if not n.users:
                 graph.erase_node(n)
@@ -217,7 +227,7 @@ class GraphTxn(Txn):
                 n.meta["nn_module_stack"] = stack.copy()
         out = next((n for n in new if any(u not in new for u in n.users)), reg.y)
         rec = GraphRecord(path, variant, reg.layout, base.base_class, ctx.d_in, ctx.d_out, original, orig_weight,
-                          x=reg.x.name, y=reg.y.name, out=out.name)
+                          x=x.name, y=reg.y.name, out=out.name)
         site = GraphSite(gm, rec, holder, graph)
 
         def probe(x: torch.Tensor) -> torch.Tensor:
@@ -304,6 +314,9 @@ class GraphScope(Scope):
             keep = set(spliced)
             if rec.out != rec.y:
                 nodes[rec.out].replace_all_uses_with(nodes[rec.y], delete_user_cb=lambda u: u not in keep)
+                for other in self._records.values():  # a site fed by this one now reads its base output
+                    if other.x == rec.out:
+                        other.x = rec.y
             for n in reversed(spliced):
                 graph.erase_node(n)
         graph.lint()
