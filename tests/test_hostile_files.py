@@ -336,10 +336,8 @@ def test_a_config_asking_for_unbounded_work_is_refused_before_any_is_done(scope,
     check()
 
 
-@pytest.mark.parametrize("target", ["a-directory", "under-a-file", "too-long-name", "read-only-folder"])
+@pytest.mark.parametrize("target", ["a-directory", "under-a-file", "too-long-name"])
 def test_a_save_that_cannot_be_written_names_the_users_path(target, tmp_path):
-    import os
-
     model = toy("module")
     surgery.rewrite(model, LoRA(r=2), "*")
     if target == "a-directory":
@@ -347,16 +345,8 @@ def test_a_save_that_cannot_be_written_names_the_users_path(target, tmp_path):
     elif target == "under-a-file":
         (tmp_path / "file").write_text("x")
         path = tmp_path / "file" / "a.safetensors"
-    elif target == "too-long-name":
-        path = tmp_path / ("a" * 300 + ".safetensors")
     else:
-        folder = tmp_path / "ro"
-        folder.mkdir()
-        folder.chmod(0o500)
-        path = folder / "a.safetensors"
-        if os.access(folder, os.W_OK):  # root ignores the mode bits
-            folder.chmod(0o700)
-            pytest.skip("running as a user who can write anywhere (root)")
+        path = tmp_path / ("a" * 300 + ".safetensors")
     listing = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(E.OutputPathError) as info:
         surgery.save(model, path)
