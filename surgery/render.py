@@ -1,6 +1,6 @@
 """Drawing a ``Diff``: SVG through Graphviz (pydot + the ``dot`` program) and one standalone HTML page.
 
-Kept apart from ``surgery/diff.py`` so that computing a diff never needs Graphviz. Sites whose
+Kept apart from ``surgery/compare.py`` so that computing a diff never needs Graphviz. Sites whose
 changes have the same shape (every layer's k_proj) are drawn once, labelled with how many share
 it; unchanged nodes more than ``context`` edges from any change are cut, and a dashed stub marks
 each cut, so a 28-layer model's diff stays a handful of small clusters.
