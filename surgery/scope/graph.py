@@ -231,9 +231,14 @@ class GraphTxn(Txn):
         site = GraphSite(gm, rec, holder, graph)
 
         def probe(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                y = F.linear(x, linear_weight(holder.weight, rec.layout), holder.bias)
-                return region_module(graph, holder, rec).eval()(x, y)
+            modes = [(m, m.training) for m in holder.modules()]  # the region module shares the holder
+            try:
+                with torch.no_grad():
+                    y = F.linear(x, linear_weight(holder.weight, rec.layout), holder.bias)
+                    return region_module(graph, holder, rec).eval()(x, y)
+            finally:
+                for m, mode in modes:
+                    m.training = mode
 
         staged = Staged(site, probe)
         self.staged[path] = staged
