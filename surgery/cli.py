@@ -125,8 +125,8 @@ def inspect(args: argparse.Namespace) -> int | None:
     """Show the sites, variant configs and parameter counts stored in an adapter file."""
     from .io import read_header, read_metadata
 
-    meta = read_metadata(args.adapter)  # header only: tensor data is never read, nothing is unpickled
-    header = read_header(args.adapter)
+    header = read_header(args.adapter)  # header only: tensor data is never read, nothing is unpickled
+    meta = read_metadata(args.adapter, header=header)
     counts: dict[str, int] = {}
     for key, info in header.items():
         if key == "__metadata__":

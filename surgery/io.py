@@ -235,9 +235,11 @@ def read_header(path: str | os.PathLike, data: bytes | None = None) -> dict[str,
     return header
 
 
-def read_metadata(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
-    """Our metadata from an adapter file (or its bytes): format, version, sites (parsed), fingerprint."""
-    meta = read_header(path, data).get("__metadata__") or {}
+def read_metadata(path: str | os.PathLike, data: bytes | None = None,
+                  header: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Our metadata from an adapter file (or its bytes, or its header already parsed): format, version,
+    sites (parsed), fingerprint."""
+    meta = (read_header(path, data) if header is None else header).get("__metadata__") or {}
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sites" not in meta:
         raise AdapterFileError(
             f"{path} is a safetensors file but not a model-surgery adapter (no '{FORMAT}' metadata). "
@@ -293,7 +295,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) 
     computed from it (PiSSA, DoRA, DeLoRA, EVA, AntiPaSTO; a warning for the others).
     """
     data = read_bytes(path)
-    meta = read_metadata(path, data)
+    header = read_header(path, data)
+    meta = read_metadata(path, header=header)
     plan = {p: variant_from_config(info["variant"], info.get("config", {})) for p, info in meta["sites"].items()}
     scope = scope_of(model)
     targets = {}
@@ -302,7 +305,6 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) 
         want = (base.get("d_in"), base.get("d_out"))
         targets[p] = want if None not in want else None
     check_targets(scope, targets, str(path))
-    header = read_header(path, data)
     shapes: dict[str, list[tuple]] = {}
     for k, v in header.items():
         if k != "__metadata__" and isinstance(v.get("shape"), list):

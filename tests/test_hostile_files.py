@@ -57,6 +57,28 @@ def unchanged(model: nn.Module):
     return check
 
 
+def refused(scope, call, error, words):
+    """``call(model)`` on a fresh toy in ``scope`` raises ``error`` naming ``words``; the toy is unchanged."""
+    model = toy(scope)
+    check = unchanged(model)
+    with pytest.raises(error) as info:
+        call(model)
+    assert all(w in str(info.value) for w in words), info.value
+    check()
+
+
+def edit_configs(path, config):
+    """Re-save an adapter file with ``config`` merged into every site's variant config."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    sites = json.loads(metadata["sites"])
+    for info in sites.values():
+        info["config"].update(config)
+    metadata["sites"] = json.dumps(sites)  # json writes NaN / Infinity, and reads them back
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    return path
+
+
 def retensor(path, **tensors):
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
@@ -74,8 +96,8 @@ def test_load_reads_the_file_once_so_a_concurrent_save_cannot_tear_it(scope, tmp
     b, _ = adapter_file(tmp_path, "b.safetensors", seed=2, variant=LoRA(r=2, alpha=3.0))
     real = surgery.io.read_metadata
 
-    def then_replace(path, data=None):
-        meta = real(path, data)
+    def then_replace(path, data=None, header=None):
+        meta = real(path, data, header)
         a.write_bytes(b.read_bytes())  # what an atomic save of version B does to the path
         return meta
 
@@ -99,12 +121,7 @@ def test_load_reads_the_file_once_so_a_concurrent_save_cannot_tear_it(scope, tmp
 def test_integer_or_non_finite_tensors_in_a_file_are_refused(scope, value, error, words, tmp_path):
     path, _ = adapter_file(tmp_path, "a.safetensors", seed=1)
     retensor(path, **{"2.lora_B": value})
-    model = toy(scope)
-    check = unchanged(model)
-    with pytest.raises(error) as info:
-        surgery.load(model, path)
-    assert all(w in str(info.value) for w in ("2.lora_B", *words)), info.value
-    check()
+    refused(scope, lambda m: surgery.load(m, path), error, ("2.lora_B", *words))
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -131,20 +148,8 @@ def test_a_non_finite_adapter_is_not_written(scope, verb, tmp_path):
     ids=["alpha-nan", "alpha-inf", "rslora-string"],
 )
 def test_a_config_that_would_compute_garbage_is_refused(scope, config, words, tmp_path):
-    path, _ = adapter_file(tmp_path, "a.safetensors", seed=1)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
-    sites = json.loads(metadata["sites"])
-    for info in sites.values():
-        info["config"].update(config)
-    metadata["sites"] = json.dumps(sites)  # json writes NaN / Infinity, and reads them back
-    save_file(load_file(str(path)), str(path), metadata=metadata)
-    model = toy(scope)
-    check = unchanged(model)
-    with pytest.raises(E.ConfigError) as info:
-        surgery.load(model, path)
-    assert all(w in str(info.value) for w in words), info.value
-    check()
+    path = edit_configs(adapter_file(tmp_path, "a.safetensors", seed=1)[0], config)
+    refused(scope, lambda m: surgery.load(m, path), E.ConfigError, words)
 
 
 def peft_dir(tmp_path, variant=None):
@@ -207,12 +212,7 @@ def test_dora_magnitudes_with_use_dora_false_are_refused(scope, tmp_path):
 )
 def test_peft_config_values_of_the_wrong_type_are_refused(scope, config, words, tmp_path):
     d = edit_peft(peft_dir(tmp_path), config=config)
-    model = toy(scope)
-    check = unchanged(model)
-    with pytest.raises(E.SurgeryError) as info:
-        surgery.import_peft(model, d)
-    assert all(w in str(info.value) for w in words), info.value
-    check()
+    refused(scope, lambda m: surgery.import_peft(m, d), E.SurgeryError, words)
 
 
 # ----- silent wrong results that are not about files -----
@@ -320,20 +320,9 @@ def test_a_failed_export_leaves_the_old_peft_pair_whole(tmp_path, monkeypatch):
     ({"niter": 10**9}, E.ConfigError, ("niter must be None", "[0, 1000]")),
 ], ids=["huge-rank", "huge-niter"])
 def test_a_config_asking_for_unbounded_work_is_refused_before_any_is_done(scope, config, error, words, tmp_path):
-    path, _ = adapter_file(tmp_path, "a.safetensors", seed=1, variant=REGISTRY["PiSSA"](r=2, niter=2))
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
-    sites = json.loads(metadata["sites"])
-    for info in sites.values():
-        info["config"].update(config)
-    metadata["sites"] = json.dumps(sites)
-    save_file(load_file(str(path)), str(path), metadata=metadata)
-    model = toy(scope)
-    check = unchanged(model)
-    with pytest.raises(error) as info:
-        surgery.load(model, path)
-    assert all(w in str(info.value) for w in words), info.value
-    check()
+    path = edit_configs(adapter_file(tmp_path, "a.safetensors", seed=1, variant=REGISTRY["PiSSA"](r=2, niter=2))[0],
+                        config)
+    refused(scope, lambda m: surgery.load(m, path), error, words)
 
 
 @pytest.mark.parametrize("target", ["a-directory", "under-a-file", "too-long-name"])
@@ -411,12 +400,7 @@ def test_the_right_base_in_another_dtype_loads_without_a_word(scope, tmp_path):
     (torch.randn(4, 5), ("failed on calibration batch 1", "right shape")),
 ], ids=["nan-batch", "wrong-width"])
 def test_bad_calibration_batches_are_named(scope, batch, words):
-    model = toy(scope)
-    check = unchanged(model)
-    with pytest.raises(E.CalibrationError) as info:
-        surgery.rewrite(model, REGISTRY["EVA"](r=2), "*", calibration=[batch])
-    assert all(w in str(info.value) for w in words), info.value
-    check()
+    refused(scope, lambda m: surgery.rewrite(m, REGISTRY["EVA"](r=2), "*", calibration=[batch]), E.CalibrationError, words)
 
 
 @pytest.mark.parametrize("scope", SCOPES)
