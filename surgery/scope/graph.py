@@ -248,6 +248,12 @@ class GraphTxn(Txn):
 class GraphScope(Scope):
     noun = "GraphModule"
 
+    def _regions(self) -> dict[str, Region]:
+        """regions() of the current graph, found once per call: base() is asked once per site."""
+        if getattr(self, "_found", None) is None:
+            self._found = regions(self.model)
+        return self._found
+
     @property
     def _records(self) -> dict[str, GraphRecord]:
         return _state(self.model)["sites"]
@@ -262,7 +268,7 @@ class GraphScope(Scope):
         # adaptable classes the graph never runs are included, so that naming one is refused by base() with
         # the reason, instead of "no variant can adapt a Linear"
         modules = _state(self.model)["modules"]
-        return set(regions(self.model)) | {p for p, m in modules.items() if p and layout_of_class(type(m))}
+        return set(self._regions()) | {p for p, m in modules.items() if p and layout_of_class(type(m))}
 
     def sites(self) -> dict[str, GraphSite]:
         records = self._records
@@ -270,7 +276,7 @@ class GraphScope(Scope):
                 for p in _state(self.model)["modules"] if p in records}
 
     def base(self, path: str) -> Base:
-        reg = regions(self.model).get(path)
+        reg = self._regions().get(path)
         if reg is None or reg.calls != 1:
             raise GraphScopeError(
                 f"{path} cannot be a graph-scope site: "
@@ -292,6 +298,7 @@ class GraphScope(Scope):
         return GraphTxn(self.model)
 
     def commit(self, txn: Txn) -> None:
+        self._found = None
         gm, old = self.model, self.model.graph
         records = {p: st.site.record for p, st in txn.staged.items()}
         try:
@@ -311,6 +318,7 @@ class GraphScope(Scope):
             raise
 
     def remove(self, paths, folded=None, untie=frozenset()) -> None:
+        self._found = None
         gm, graph = self.model, self.model.graph
         nodes = {n.name: n for n in graph.nodes}
         for path in paths:  # erase each site's nodes and route the base output back to its users

@@ -98,8 +98,11 @@ class ModuleScope(Scope):
         return Base(path, layout(leaf), type(leaf).__name__, leaf)
 
     def aliases(self, path: str) -> list[str]:
-        module = self.model.get_submodule(path)
-        return [p for p, m in self.model.named_modules(remove_duplicate=False) if m is module and p != path]
+        if getattr(self, "_paths_of", None) is None:  # every path of every module object, found once per call
+            self._paths_of: dict[int, list[str]] = {}
+            for p, m in self.model.named_modules(remove_duplicate=False):
+                self._paths_of.setdefault(id(m), []).append(p)
+        return [p for p in self._paths_of[id(self.model.get_submodule(path))] if p != path]
 
     def class_name(self, path: str) -> str:
         return type(self.model.get_submodule(path)).__name__
