@@ -17,7 +17,7 @@ import ast
 import sys
 from typing import Any, Callable
 
-from .errors import ModelDirError, OutputFormatError, OutputPathError, SurgeryError, VariantSpecError
+from .errors import ModelDirError, OutputFormatError, OutputPathError, SurgeryError, VariantSpecError, clip
 
 _COMMANDS: list[tuple[Callable[[argparse.Namespace], int | None], list[tuple[tuple, dict]]]] = []
 
@@ -110,7 +110,7 @@ def _variant_text(info: dict[str, Any]) -> str:
     try:
         return variant_from_config(info["variant"], config).short()
     except SurgeryError:
-        return f"{info['variant']}({', '.join(f'{k}={v!r}' for k, v in config.items())})"
+        return clip(f"{info['variant']}({', '.join(f'{k}={v!r}' for k, v in config.items())})")
 
 
 def _human(n: int) -> str:
@@ -139,7 +139,7 @@ def inspect(args: argparse.Namespace) -> int | None:
     rows = []
     for path, info in meta["sites"].items():
         base = info.get("base", {})
-        rows.append((path, _variant_text(info), f"{base.get('d_in', '?')}x{base.get('d_out', '?')}",
+        rows.append((clip(path), _variant_text(info), f"{base.get('d_in', '?')}x{base.get('d_out', '?')}",
                      base.get("class", "?"), _human(counts.get(path, 0))))
     head = ("site", "variant", "in x out", "base", "params")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]

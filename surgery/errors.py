@@ -5,6 +5,13 @@ builtin that fits (ValueError, TypeError, ...), so ``except ValueError`` keeps w
 who do not know our names.
 """
 
+SHOWN = 120  # characters of a user's path or pattern that a message repeats
+
+
+def clip(text: str) -> str:
+    """``text`` cut to ``SHOWN`` characters: a path of ten million characters in a file is not echoed whole."""
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text):,} characters)"
+
 
 class SurgeryError(Exception):
     """Base class of model-surgery's errors."""

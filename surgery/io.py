@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import secrets
+import socket
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, BaseMismatchError, MetaDeviceError, OutputPathError
+from .errors import AdapterFileError, BaseMismatchError, MetaDeviceError, OutputPathError, clip
 from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
 from .scope import Scope, scope_of
 from .site import SiteAPI, linear_weight
@@ -71,8 +72,9 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], Any]]) -> N
                 raise OutputPathError(f"cannot write {path}: it is a directory. Name a file, e.g. {path / 'adapter.safetensors'}.")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                _sweep(path.parent)
                 # short, so that a target whose name is near the file system's limit still gets a temporary
-                tmp = str(path.parent / f".surgery-{secrets.token_hex(6)}.tmp")
+                tmp = str(path.parent / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.tmp")
                 os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             except OSError as e:
                 raise OutputPathError(
@@ -96,6 +98,36 @@ def atomic_write_all(writes: dict[str | os.PathLike, Callable[[str], Any]]) -> N
             if os.path.exists(tmp):
                 os.unlink(tmp)
         raise
+
+
+# a temporary file is named for the host and process writing it, so that the next save into the same
+# folder can remove those whose writer was killed (never one another host or a live process is writing)
+_TMP_PREFIX = f".surgery-{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:4]}-"
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the temporary files that killed saves on this host left in ``folder``."""
+    try:
+        leftovers = [p for p in folder.iterdir() if p.name.startswith(_TMP_PREFIX) and p.name.endswith(".tmp")]
+    except OSError:
+        return
+    for p in leftovers:
+        pid = p.name[len(_TMP_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                p.unlink()
+            except OSError:
+                pass  # another save swept it first, or the folder is not ours to clean
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a number no process has): leave its file alone
+    return True
 
 
 def _is(path: Path, test: Callable[[Path], bool]) -> bool:
@@ -259,7 +291,7 @@ def read_metadata(path: str | os.PathLike, data: bytes | None = None,
         problem = _site_entry_problem(info)
         if problem:
             raise AdapterFileError(
-                f"{path}: malformed model-surgery metadata for site {p!r}: {problem}. Each site needs "
+                f"{path}: malformed model-surgery metadata for site {clip(p)!r}: {problem}. Each site needs "
                 "{'variant': name, 'config': {...}, 'base': {'d_in': int, 'd_out': int, ...}}; re-save the "
                 "adapter with surgery.save."
             )

@@ -31,6 +31,7 @@ from .errors import (
     UnsupportedModuleError,
     VariantContractError,
     WhereTypeError,
+    clip,
 )
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
@@ -179,6 +180,7 @@ def install(scope: Scope, plan: dict[str, Variant], *, states: dict[str, Any] | 
                 f"copy.deepcopy), or adapt a model where each layer is registered once."
             )
         ctx = site_init(base, variant, calibration=states.get(path), loading=loading)
+        require_bounded_rank(variant, ctx)
         _call_variant(variant, "check", path, lambda: variant.check(ctx))
         tensors = _call_variant(variant, "init", path, lambda: variant.init(ctx))
         _check_init(variant, path, ctx, tensors)
@@ -396,6 +398,20 @@ def _untie_config(model: nn.Module) -> None:
 # ----- files: check every target before anything changes -----
 
 
+def require_bounded_rank(variant: Variant, site: SiteInit) -> None:
+    """A rank ``r`` above the weight's larger side is refused before anything is allocated: the update of a
+    d_out x d_in layer has rank at most min(d_in, d_out), so such an r buys nothing and can ask for gigabytes."""
+    r = getattr(variant, "r", None)
+    if isinstance(r, int) and not isinstance(r, bool) and r > max(site.d_in, site.d_out):
+        useful = min(site.d_in, site.d_out)
+        raise ConfigError(
+            f"{variant.short()}: r={r} at {clip(site.path)} is larger than both sides of its {site.d_out}x{site.d_in} "
+            f"weight; an update of that layer has rank at most {useful}, so the extra directions would only "
+            f"take memory ({r * (site.d_in + site.d_out) * 4 / 2**30:.1f} GiB of float32 tensors or more). "
+            f"Use r <= {useful}."
+        )
+
+
 def check_ranks(plan: dict[str, Variant], shapes: dict[str, list[tuple[int, ...]]], source: str) -> None:
     """A rank from a file must be a dimension of that site's saved tensors, before anything is allocated
     (a config r of 10**7 beside (2, 8) tensors would otherwise ask for gigabytes first)."""
@@ -419,19 +435,19 @@ def check_targets(scope: Scope, targets: dict[str, tuple[int, int] | None], sour
         if p not in cands:
             close = difflib.get_close_matches(p, list(cands), n=2, cutoff=0.0)
             raise BaseMismatchError(
-                f"{source} was saved for another base: it adapts {p}, which this {scope.noun} does not have "
+                f"{source} was saved for another base: it adapts {clip(p)}, which this {scope.noun} does not have "
                 f"(closest: {', '.join(close) or 'none'}). Load it onto the base it was trained on."
             )
         if p not in ok:
             raise BaseMismatchError(
-                f"{source} adapts {p}, but in this {scope.noun} {p} is a {scope.class_name(p)}, not a linear layer "
+                f"{source} adapts {clip(p)}, but in this {scope.noun} {clip(p)} is a {scope.class_name(p)}, not a linear layer "
                 "that can be adapted. Load it onto the base it was trained on."
             )
         base = scope.base(p)
         have = dims(base.weight, base.layout)
         if want is not None and tuple(have) != tuple(want):
             raise BaseMismatchError(
-                f"{source} was saved for another base: {p} had in/out {want[0]}x{want[1]}, this {scope.noun}'s is "
+                f"{source} was saved for another base: {clip(p)} had in/out {want[0]}x{want[1]}, this {scope.noun}'s is "
                 f"{have[0]}x{have[1]}. Load it onto the base it was trained on."
             )
 
@@ -443,24 +459,24 @@ def fill_value(source: str, key: str, value: torch.Tensor, target: torch.Tensor,
     tensors are floating point and finite."""
     if target.device.type == "meta":
         raise MetaDeviceError(
-            f"cannot load {key} from {source}: {site.path} is on the meta device (shapes only), where the file's "
+            f"cannot load {clip(key)} from {source}: {site.path} is on the meta device (shapes only), where the file's "
             "values would be dropped. Materialise the base first (model.to_empty(device='cpu') and load its "
             "checkpoint), then load the adapter."
         )
     shape = lambda t: tuple(d for d in t.shape if d != 1) if squeeze else tuple(t.shape)  # noqa: E731
     if shape(value) != shape(target):
         raise BaseMismatchError(
-            f"{source}: tensor {key} has shape {tuple(value.shape)}, but {site.variant.short()} at {site.path} "
+            f"{source}: tensor {clip(key)} has shape {tuple(value.shape)}, but {site.variant.short()} at {site.path} "
             f"expects {tuple(target.shape)}. The file does not belong to this base or config."
         )
     if not value.is_floating_point():
         raise AdapterFileError(
-            f"{source}: tensor {key} is stored as {str(value.dtype).removeprefix('torch.')}; adapter tensors are "
+            f"{source}: tensor {clip(key)} is stored as {str(value.dtype).removeprefix('torch.')}; adapter tensors are "
             "floating point, and reading integers as weights would give garbage. Re-save the adapter."
         )
     if not torch.isfinite(value).all():
         raise NonFiniteError(
-            f"{source}: tensor {key} holds NaN or Inf; loading it would make every output NaN. "
+            f"{source}: tensor {clip(key)} holds NaN or Inf; loading it would make every output NaN. "
             "Re-save the adapter from a model whose adapter is finite (surgery.merge refuses it too)."
         )
     with torch.no_grad():

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, ConfigError, PeftFormatError
+from .errors import AdapterFileError, ConfigError, PeftFormatError, clip
 from .io import atomic_write_all, decode, read_bytes, read_header
 from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
 from .scope import scope_of
@@ -467,12 +467,12 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         suffix = next((s for s in known if name.endswith("." + s)), None)
         if not key.startswith(PREFIX) or suffix is None:
             raise PeftFormatError(
-                f"{weights}: tensor {key!r} is not a {peft_type} adapter tensor of the form "
+                f"{weights}: tensor {clip(key)!r} is not a {peft_type} adapter tensor of the form "
                 f"'{PREFIX}<module>.<{'|'.join(known)}>' (modules_to_save, trainable tokens or embeddings "
                 "adapters are not supported). Re-create the adapter without them, or merge it with PEFT."
             )
         if suffix == "lora_B.bias":
-            raise PeftFormatError(f"{weights}: {key} is a LoRA bias (lora_bias=true), which import_peft does not support.")
+            raise PeftFormatError(f"{weights}: {clip(key)} is a LoRA bias (lora_bias=true), which import_peft does not support.")
         by_path.setdefault(name[: -len(suffix) - 1], {})[suffix] = key
     if not by_path:
         raise AdapterFileError(f"{weights} holds no adapter tensors.")

@@ -22,19 +22,18 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from .errors import NoMatchError, PatternError, UnsupportedModuleError, WhereTypeError
+from .errors import SHOWN, NoMatchError, PatternError, UnsupportedModuleError, WhereTypeError
 
 Where = str | Callable[[str, nn.Module], bool] | Iterable[str | Callable[[str, nn.Module], bool]]
 _GLOB_CHARS = set("*?[]{}")
-_SHOWN = 120  # characters of a pattern or path an error message repeats
 
 
 def _show(value: object) -> str:
     """``repr(value)``, cut short: a pattern of a million characters is not echoed whole."""
     if not isinstance(value, str):
         text = repr(value)
-        return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
-    return repr(value) if len(value) <= _SHOWN else f"{value[:_SHOWN]!r}... ({len(value)} characters)"
+        return text if len(text) <= SHOWN else text[:SHOWN] + "..."
+    return repr(value) if len(value) <= SHOWN else f"{value[:SHOWN]!r}... ({len(value):,} characters)"
 
 
 @dataclass

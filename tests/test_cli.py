@@ -84,6 +84,8 @@ def test_diff_errors_are_one_line(model_dir, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["diff", str(model_dir), "--variant", "LoRA(r=2)", "--where", "*.nothing_here"]) == 2
     assert "nothing_here" in capsys.readouterr().err
+    assert main(["diff", str(model_dir), "--variant", "HRA(r=1000000000)", "--where", "*.k_proj"]) == 2
+    assert "r <= " in capsys.readouterr().err
 
 
 def test_parse_variant():

@@ -442,6 +442,11 @@ CASES = [
     Bad("model-not-module", fresh, lambda m, t, s: surgery.rewrite({"w": 1}, LoRA(), "*"), E.WhereTypeError, ("torch.nn.Module", "dict"), MODULE_ONLY),
     Bad("pissa-r-above-svd", fresh, lambda m, t, s: surgery.rewrite(m, variant("PiSSA", r=9), "*_proj"), E.ConfigError, ("r=9", "min(d_in, d_out)=8", "r <= 8")),
     Bad("antipasto-r-above-svd", fresh, lambda m, t, s: surgery.rewrite(m, variant("AntiPaSTO", r=9), "*.k_proj"), E.ConfigError, ("r=9", "r <= 8")),
+    # a rank above both sides of the weight is refused before anything is allocated (HRA once took 82 s and 16 GB)
+    *[
+        Bad(f"{n.lower()}-huge-rank", fresh, lambda m, t, s, n=n: surgery.rewrite(m, variant(n, r=10**9), "*.k_proj"), E.ConfigError, ("r=1000000000", "both sides of its 8x8 weight", "r <= 8"))
+        for n in ("LoRA", "DoRA", "HRA", "DeLoRA")
+    ],
     Bad("road-group-not-dividing", fresh, lambda m, t, s: surgery.rewrite(m, variant("ROAD", group_size=4), ["*_proj", "head"]), E.ConfigError, ("group_size=4", "d_out=6", "head", "group_size=2")),
     Bad("check-fails-at-fifth-site", fresh, rw(FailsCheckAtFifth(r=2), "*_proj"), E.ConfigError, (FIFTH,)),
     Bad("identity-broken-at-fifth-site", fresh, rw(BrokenIdentityAtFifth(r=2), "*_proj"), E.IdentityError, (FIFTH, "identity", "left unchanged")),

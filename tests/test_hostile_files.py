@@ -455,3 +455,71 @@ def test_a_save_writes_through_a_symlink_and_refuses_a_read_only_file(tmp_path):
     with pytest.raises(E.OutputPathError, match="read-only"):
         surgery.save(model, real)
     assert real.read_bytes() == before
+
+
+def test_the_next_save_removes_what_a_killed_save_left_and_nothing_else(tmp_path):
+    """A save killed mid-write (SIGKILL: no cleanup code runs) leaves its full-size temporary file; the next
+    save into that folder removes it, and leaves alone a temporary file that a live process is writing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, surgery.io\n"
+        "def slow(tmp):\n"
+        "    open(tmp, 'wb').write(b'x' * 4096)\n"
+        "    time.sleep(60)\n"
+        f"surgery.io.atomic_write({str(tmp_path / 'a.safetensors')!r}, slow)\n"
+    )])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".surgery-*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    (killed,) = tmp_path.glob(".surgery-*.tmp")
+    live = tmp_path / killed.name.replace(f"-{child.pid}-", f"-{os.getpid()}-")
+    live.write_bytes(b"y")
+
+    model = toy("module")
+    surgery.rewrite(model, LoRA(r=2), "*")
+    surgery.save(model, tmp_path / "b.safetensors")
+    assert not killed.exists(), "the killed save's temporary file is still there"
+    assert live.exists(), "a live process's temporary file was removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "b.safetensors"])
+
+
+def _renamed_site(tensors: dict, old: str, new: str) -> dict:
+    return {(new + k[len(old):] if k.startswith(old + ".") else k): v for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("fmt", ["ours", "peft"])
+def test_a_ten_megabyte_site_path_is_not_echoed_whole(scope, fmt, tmp_path, capsys):
+    """A file can name a site with a path of any length; a message repeats at most a short prefix of it."""
+    from surgery.cli import main
+    from surgery.peft_format import PREFIX
+
+    long = "x" * 10_000_000
+    if fmt == "ours":
+        path, _ = adapter_file(tmp_path, "a.safetensors", seed=1)
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata())
+        sites = json.loads(metadata["sites"])
+        sites[long] = sites.pop("0")
+        metadata["sites"] = json.dumps(sites)
+        save_file(_renamed_site(load_file(str(path)), "0", long), str(path), metadata=metadata)
+        call = lambda m: surgery.load(m, path)  # noqa: E731
+        assert main(["inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "10,000,000 characters" in out and len(out) < 2000, out[:300]
+    else:
+        directory = peft_dir(tmp_path)
+        weights = directory / "adapter_model.safetensors"
+        save_file(_renamed_site(load_file(str(weights)), PREFIX + "0", PREFIX + long), str(weights))
+        call = lambda m: surgery.import_peft(m, directory)  # noqa: E731
+    refused(scope, call, E.BaseMismatchError, ("xxxxxxxx", "10,000,000 characters"))
+    with pytest.raises(E.BaseMismatchError) as info:
+        call(toy(scope))
+    assert len(str(info.value)) < 1000, len(str(info.value))
