@@ -180,8 +180,8 @@ def install(scope: Scope, plan: dict[str, Variant], *, states: dict[str, Any] | 
                 f"copy.deepcopy), or adapt a model where each layer is registered once."
             )
         ctx = site_init(base, variant, calibration=states.get(path), loading=loading)
-        require_bounded_rank(variant, ctx)
         _call_variant(variant, "check", path, lambda: variant.check(ctx))
+        require_bounded_rank(variant, ctx)
         tensors = _call_variant(variant, "init", path, lambda: variant.init(ctx))
         _check_init(variant, path, ctx, tensors)
         if ctx.new_weight is not None:
