@@ -35,17 +35,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from surgery.variant import SiteInit, Variant, register, require_positive_rank, require_rank_fits, require_real
+from surgery.variant import (SiteInit, Variant, at_least_float32, register, require_positive_rank, require_rank_fits,
+                             require_real)
 from surgery.errors import ConfigError
 
 
-def cayley_blocks(rot: torch.Tensor, n: int, b: int, c: float) -> torch.Tensor:
+def cayley_blocks(rot: torch.Tensor, n: int, b: int, c: torch.Tensor | float) -> torch.Tensor:
     """(n, b(b-1)/2) upper-triangle entries -> (n, b, b) orthogonal Cayley blocks of c * skew."""
     upper = rot.new_ones(b, b).triu(1).bool().expand(n, b, b)  # (n, b, b); built from rot so fx traces it
     Q = rot.new_zeros(n, b, b).masked_scatter(upper, rot) * (c / 2)  # (n, b, b), strict upper triangle
     Q = Q - Q.transpose(-1, -2)  # skew
     eye = torch.diag_embed(rot.new_ones(n, b))  # (n, b, b)
-    return torch.linalg.solve(eye - Q, eye + Q)  # (n, b, b)
+    # no half-precision CPU kernel for the solve: float32 for a model cast to bf16 / fp16 after the rewrite
+    return torch.linalg.solve(at_least_float32(eye - Q), at_least_float32(eye + Q)).to(rot.dtype)  # (n, b, b)
 
 
 @register
@@ -58,6 +60,7 @@ class AntiPaSTO(Variant):
 
     frozen = ("antipasto_U", "antipasto_S", "antipasto_V")
     base_bound = True
+    steered = True  # the runtime strength (surgery.scaled) multiplies the steering coefficient alpha
 
     def __post_init__(self):
         require_positive_rank(self, self.r)
@@ -101,7 +104,7 @@ class AntiPaSTO(Variant):
 
     def bracket(self, z, t):
         """The change inside the singular space: (..., r) -> (..., r); zero at init."""
-        c, S = self.alpha, t.antipasto_S
+        c, S = self.alpha * t.surgery_scale, t.antipasto_S  # c: a 0-d tensor, so a new strength retraces nothing
         scaled = S + c * t.antipasto_delta  # (r,)
         if self.rotate_basis == "none":
             return z * (c * t.antipasto_delta)  # (..., r)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from surgery.variant import SiteInit, Variant, kaiming_uniform, register, require_positive_rank
+from surgery.variant import SiteInit, Variant, at_least_float32, kaiming_uniform, register, require_positive_rank
 from surgery.errors import ConfigError
 
 
@@ -37,7 +37,9 @@ def _wy_factor(u: torch.Tensor) -> torch.Tensor:
     """K = U S^-1 with S = triu(U^T U), diagonal halved, so that H_1 ... H_r = I - K U^T."""
     g = u.mT @ u  # (r, r)
     s = torch.triu(g) - 0.5 * torch.diag_embed(torch.diagonal(g))  # (r, r)
-    return torch.linalg.solve_triangular(s, u, upper=True, left=False)  # (d_in, r): K S = U
+    # the solve has no half-precision CPU kernel: run it in float32 for a model cast to bf16 / fp16 after the rewrite
+    k = torch.linalg.solve_triangular(at_least_float32(s), at_least_float32(u), upper=True, left=False)
+    return k.to(u.dtype)  # (d_in, r): K S = U
 
 
 @register

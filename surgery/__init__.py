@@ -29,12 +29,14 @@ _PUBLIC = {  # name -> module that defines it
     "export_peft": "peft_format", "import_peft": "peft_format",
     "diff": "compare", "Diff": "compare",
     "Site": "site", "SiteAPI": "site",
+    "disabled": "control", "scaled": "control", "set_scale": "control",
 }
 __all__ = [*_PUBLIC, "errors"]
 
 if TYPE_CHECKING:
     from .capture import is_traced, trace
     from .compare import Diff, diff
+    from .control import disabled, scaled, set_scale
     from .inspect import Plan, plan, sites, summary
     from .io import load, save
     from .ops import merge, restore, rewrite

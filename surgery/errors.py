@@ -77,6 +77,10 @@ class NotRewrittenError(SurgeryError, ValueError):
     """The model has no sites, so there is nothing to merge, restore, save or export."""
 
 
+class AdaptersDisabledError(SurgeryError, RuntimeError):
+    """A verb was called on a model inside ``with surgery.disabled(model):``."""
+
+
 class VariantSpecError(SurgeryError, ValueError):
     """A variant written as text (the CLI's ``--variant "LoRA(r=8)"``) cannot be parsed."""
 

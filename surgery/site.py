@@ -79,7 +79,18 @@ class SiteRecord:
     d_in: int
     d_out: int
     original: nn.Module  # the module at ``path`` before the rewrite; restore puts it back
-    orig_weight: torch.Tensor | None = None  # the base weight before the variant replaced it (storage layout)
+    # the variant replaced the base weight (PiSSA's residual); the original is kept on the site's module as the
+    # non-persistent buffer ``surgery_base_weight`` (storage layout), so that it follows model.to(dtype / device)
+    replaced: bool = False
+    # names of the site's input, base output and adapted output nodes (in the site's graph, or the model's);
+    # y is "" when the variant never reads the base output and the base op was dropped from the graph
+    x: str = ""
+    y: str = ""
+    out: str = ""
+    gated: bool = False  # a runtime-strength blend follows ``out`` (added by the first set_scale)
+    # the runtime strength c, also held by the site's 0-d buffer ``surgery_scale`` for the forward; folds read
+    # this one (a buffer made on the meta device holds garbage after model.to_empty())
+    scale: float = 1.0
 
 
 class SiteAPI:
@@ -105,19 +116,33 @@ class SiteAPI:
     @property
     def replaced_base(self) -> bool:
         """True when the variant's init replaced the base weight (PiSSA's residual)."""
-        return self.record.orig_weight is not None
+        return self.record.replaced
+
+    @property
+    def kept_weight(self) -> torch.Tensor:
+        """The original base weight a replacing variant set aside (storage layout; see ``SiteRecord.replaced``)."""
+        return self._owner().surgery_base_weight
 
     @property
     def original_weight(self) -> torch.Tensor:
         """The base weight as it was before the rewrite, nn.Linear layout, detached."""
-        w = self.record.orig_weight if self.replaced_base else self._owner().weight
+        w = self.kept_weight if self.replaced_base else self._owner().weight
         return linear_weight(w.detach(), self.layout)
+
+    @property
+    def scale_buffer(self) -> torch.Tensor:
+        """The 0-d buffer holding the runtime strength c (``surgery.set_scale``): 0 is the base, 1 the adapter."""
+        return self._owner().surgery_scale
+
+    @property
+    def scale(self) -> float:
+        return self.record.scale
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The variant's tensors on this site (parameters and buffers), by name."""
         owner, base = self._owner(), {"weight", "bias"}
         out = {n: p for n, p in owner.named_parameters(recurse=False) if n not in base}
-        constants = owner._non_persistent_buffers_set  # constants traced from a forward: not the adapter's
+        constants = owner._non_persistent_buffers_set  # constants traced from a forward, the runtime strength, ...
         out.update({n: b for n, b in owner.named_buffers(recurse=False) if n not in base and n not in constants})
         return out
 
@@ -131,9 +156,17 @@ class SiteAPI:
         dt = dtype or torch.promote_types(w.dtype, torch.float32)
         W = linear_weight(w.detach(), self.layout).to(dt)
         b = None if owner.bias is None else owner.bias.detach().to(dt)
-        t = SimpleNamespace(site=self.info, **{n: v.detach().to(dt) for n, v in self.adapter_tensors().items()})
+        c = torch.tensor(self.scale, dtype=dt, device=W.device)
+        t = SimpleNamespace(site=self.info, surgery_scale=c,
+                            **{n: v.detach().to(dt) for n, v in self.adapter_tensors().items()})
         with torch.no_grad():
-            return self.variant.fold(W, b, t)
+            W2, b2 = self.variant.fold(W, b, t)
+            if self.variant.steered or self.scale == 1:
+                return W2, b2
+            base = self.original_weight.to(dt)  # the blend y + c (out - y) folds to W + c (W' - W)
+            if self.scale == 0:
+                return base, b
+            return base + c * (W2 - base), (None if b2 is None else b + c * (b2 - b))
 
     def describe(self) -> str:
         return f"{self.variant.short()}, in={self.d_in}, out={self.d_out}, base={self.base_class}"
@@ -151,6 +184,7 @@ class Site(fx.GraphModule, SiteAPI):
             if value is None:
                 res.register_parameter(name, None)
         res.__dict__["record"] = copy.deepcopy(self.record, memo)
+        res._non_persistent_buffers_set = set(self._non_persistent_buffers_set)  # GraphModule's copy drops it
         return res
 
     @property

@@ -23,13 +23,24 @@ from .errors import SurgeryError, VariantContractError
 from .variant import SiteInfo, Variant
 
 _ASSERT_IS_NONE = fx._symbolic_trace._assert_is_none  # fx's guard for a concrete None bias: bookkeeping
+SCALE = "surgery_scale"  # the runtime strength c on each site's module: a 0-d, non-persistent buffer
+BASE_WEIGHT = "surgery_base_weight"  # the original weight of a site whose variant replaced it (storage layout)
+
+
+def compute_dtype(adapter: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    """The dtype a site computes in: the wider of its adapter tensors' and its input's. Asked at run time
+    (a leaf call in the graph), so a model moved to another dtype after the rewrite computes in the new one."""
+    return torch.promote_types(adapter.dtype, x.dtype)
+
+
+fx.wrap("compute_dtype")
 
 
 class _Holder(nn.Module):
     """Holds a variant's tensors while its forward is traced into a standalone fx graph."""
 
     def __init__(self, variant: Variant, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
-                 adapter_dtype: torch.dtype, base_dtype: torch.dtype, site: SiteInfo):
+                 site: SiteInfo, cast: bool):
         super().__init__()
         for name, t in tensors.items():
             if isinstance(t, nn.Parameter):
@@ -40,14 +51,17 @@ class _Holder(nn.Module):
             self.add_module(name, m)
         self.__dict__["_variant"] = variant
         self.__dict__["site"] = site  # static facts a forward may branch on at trace time
-        self.__dict__["_cast"] = (adapter_dtype, base_dtype) if adapter_dtype != base_dtype else None
+        # adapters in another dtype than the base (float32 on a bf16 model): casts in and out, by the dtypes seen at
+        # run time, so that they stay right after model.float() / .bfloat16(); none where the dtypes agree, since
+        # model.to(dtype) keeps them agreeing
+        self.__dict__["_ref"] = next((n for n in tensors if n != SCALE), None) if cast else None
 
     def forward(self, x, y, weight, bias):
-        if self._cast is None:
+        if self._ref is None:
             return self._variant.forward(x, y, weight, bias, self)
-        a, b = self._cast
-        out = self._variant.forward(x.to(a), y.to(a), weight.to(a), None if bias is None else bias.to(a), self)
-        return out.to(b)
+        dt = compute_dtype(getattr(self, self._ref), x)
+        out = self._variant.forward(x.to(dt), y.to(dt), weight.to(dt), None if bias is None else bias.to(dt), self)
+        return out.to(x.dtype) if isinstance(out, fx.Proxy) else out  # anything else: trace_variant names it
 
 
 @dataclass
@@ -61,12 +75,16 @@ class VariantGraph:
 def tracer() -> fx.Tracer:
     # no autowrapping of `math`: scanning globals for it was a third of rewrite time, and site code
     # only ever calls math on Python numbers (fixed at trace time), never on tensors
-    return fx.Tracer(autowrap_modules=())
+    t = fx.Tracer(autowrap_modules=())
+    # a buffer read as a get_attr node: else fx computes `2 * t.buffer` once at trace time and bakes the result
+    # in as a constant, so later values of the buffer (a load, a new runtime strength) would never be seen
+    t.proxy_buffer_attributes = True
+    return t
 
 
 def trace_variant(variant: Variant, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
-                  adapter_dtype: torch.dtype, base_dtype: torch.dtype, has_bias: bool, site: SiteInfo) -> VariantGraph:
-    holder = _Holder(variant, tensors, modules, adapter_dtype, base_dtype, site)
+                  has_bias: bool, site: SiteInfo, cast: bool) -> VariantGraph:
+    holder = _Holder(variant, tensors, modules, site, cast)
     concrete = None if has_bias else {"bias": None}
     try:
         graph = tracer().trace(holder, concrete_args=concrete)
@@ -79,6 +97,9 @@ def trace_variant(variant: Variant, tensors: dict[str, torch.Tensor], modules: d
             "no `len()` or Python iteration over a tensor; branch only on the variant's fields and t.site. "
             "See the rules in surgery/variant.py."
         ) from e
+    for node in reversed(graph.nodes):  # the casts of inputs a variant never reads (y, for one that recomputes it)
+        if node.op == "call_method" and node.target == "to" and not node.users:
+            graph.erase_node(node)
     known = set(tensors) | set(modules)
     constants = {}
     for node in graph.nodes:
@@ -117,6 +138,51 @@ def add_constants(module: nn.Module, vg: VariantGraph) -> None:
     """Register the constants traced from a variant's forward on ``module``, outside its state_dict."""
     for target, value in vg.constants.items():
         module.register_buffer(constant_name(target), value, persistent=False)
+
+
+def new_scale(like: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=torch.float32, device=like.device)
+
+
+def blend(y: torch.Tensor, out: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``y + c (out - y)``, exactly ``out`` at c = 1 and exactly ``y`` at c = 0, with no branch on c
+    (so a compiled model never recompiles for a new c)."""
+    return torch.where(c == 1, out, torch.where(c == 0, y, y + (out - y) * c))
+
+
+def add_gate(graph: fx.Graph, *, x: str, y: str, out: str, layout: str, has_bias: bool, replaced: bool,
+             prefix: str, meta: dict[str, Any]) -> str:
+    """Insert ``blend(base output, adapted output, c)`` after ``out`` and route ``out``'s users to it.
+
+    The base output is the graph's own ``y`` where it is still there and unchanged, else it is
+    recomputed from ``x`` (from the original weight when the variant replaced it). Returns the blend's name.
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    anchor = nodes[out]
+    new: list[fx.Node] = []
+
+    def add(op: str, target: Any, args: tuple = ()) -> fx.Node:
+        nonlocal anchor
+        with graph.inserting_after(anchor):
+            node = graph.create_node(op, target, args)
+        node.meta["surgery"] = dict(meta)
+        new.append(node)
+        anchor = node
+        return node
+
+    if y and not replaced:
+        base = nodes[y]
+    else:
+        w = add("get_attr", prefix + (BASE_WEIGHT if replaced else "weight"))
+        if layout == "conv1d":
+            w = add("call_method", "t", (w,))
+        b = add("get_attr", prefix + "bias") if has_bias else None
+        base = add("call_function", torch.nn.functional.linear, (nodes[x], w, b))
+    c = add("get_attr", prefix + SCALE)
+    gate = add("call_function", blend, (base, nodes[out], c))
+    keep = set(new)
+    nodes[out].replace_all_uses_with(gate, delete_user_cb=lambda user: user not in keep)
+    return gate.name
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

@@ -127,6 +127,9 @@ class Variant:
     needs_weight: ClassVar[bool] = True  # needs the dense base weight (False: works on opaque layers)
     needs_calibration: ClassVar[bool] = False
     base_bound: ClassVar[bool] = False  # init computes tensors from the base weight: another base makes them wrong
+    # reads the runtime strength c (surgery.scaled / set_scale) itself, as the 0-d tensor t.surgery_scale, in
+    # forward and fold; otherwise the engine blends base and adapted outputs: y + c * (out - y)
+    steered: ClassVar[bool] = False
 
     # ----- behaviour every variant provides -----
     def init(self, site: SiteInit) -> dict[str, torch.Tensor]:
@@ -200,12 +203,32 @@ class Variant:
         return cls(**kwargs)
 
     def adapter_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
-        """float32 adapters on half-precision bases (like PEFT), else the base dtype."""
+        """float32 adapters on half-precision bases (like PEFT), else the base dtype; ``dtype=`` may ask for a
+        wider one, never a narrower one."""
         if self.dtype is not None:
+            if torch.promote_types(self.dtype, base_dtype) != self.dtype:
+                raise ConfigError(
+                    f"{type(self).__name__}: dtype={_show(self.dtype)} is narrower than the base weight's "
+                    f"{_show(base_dtype)}: the adapter would have to run in {_show(self.dtype)}, rounding the base "
+                    f"output it adds to, so it could not start at identity. Leave dtype=None (adapters in "
+                    f"{_show(self.adapter_dtype_default(base_dtype))}), use a dtype at least as wide as the base's, "
+                    f"or cast the model first (model.to(torch.{_show(self.dtype)}))."
+                )
             return self.dtype
+        return self.adapter_dtype_default(base_dtype)
+
+    @staticmethod
+    def adapter_dtype_default(base_dtype: torch.dtype) -> torch.dtype:
         if base_dtype in (torch.float16, torch.bfloat16):
             return torch.float32
         return base_dtype
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (at least 1-D) in float32 if it is in a half type, else unchanged: for ops such as linear solves
+    that have no half-precision CPU kernels. Traceable (type promotion with a 1-element float32 tensor, no
+    branch on the dtype); multiplying by one changes no value."""
+    return t * t.new_ones(1, dtype=torch.float32)
 
 
 def _show(v: Any) -> str:

@@ -82,6 +82,6 @@ def test_forward_builds_no_dense_rotation():
     assert site.d_in > site.d_out  # so a d_in x d_in tensor would be the largest one around
     ShapeProp(site).propagate(torch.randn(1, site.d_in))
     sizes = {n.name: n.meta["tensor_meta"].shape.numel() for n in site.graph.nodes
-             if n.op not in ("get_attr", "output")}
+             if n.op not in ("get_attr", "output") and "tensor_meta" in n.meta}  # not compute_dtype's dtype
     assert "linalg_solve_triangular" in site.code
     assert max(sizes.values()) < site.d_in * site.d_in, sizes

@@ -116,6 +116,14 @@ class Scope:
         """
         raise NotImplementedError
 
+    def gate(self, paths: list[str]) -> None:
+        """Add the runtime-strength blend after each site's adapted output (``splice.add_gate``)."""
+        raise NotImplementedError
+
+    def bypass(self) -> AbstractContextManager:
+        """While open, the model computes its original function: no site's op runs, original weights."""
+        raise NotImplementedError
+
     def taps(self, paths: list[str], emit: Emit) -> AbstractContextManager:
         """While open, every forward hands each path's input to ``emit``."""
         raise NotImplementedError

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import GraphScopeError
 from ..site import SiteAPI, SiteRecord, layout_of_class, linear_weight, stored_weight
-from ..splice import add_constants, attach, splice, trace_variant
+from ..splice import BASE_WEIGHT, SCALE, add_constants, add_gate, attach, new_scale, splice, trace_variant
 from ..capture import module_path, route
 from ..variant import SiteInfo, SiteInit, Variant
 from .base import Base, Emit, Scope, Staged, Txn
@@ -147,6 +147,17 @@ def region_module(graph: fx.Graph, holder: nn.Module, rec: GraphRecord) -> fx.Gr
     return fx.GraphModule(root, g, class_name=f"{rec.base_class}Site")
 
 
+def _unsplice(graph: fx.Graph, rec: GraphRecord) -> None:
+    """Erase a site's nodes from ``graph`` and route its base output back to their users."""
+    nodes = {n.name: n for n in graph.nodes}
+    spliced = _spliced(graph, rec.path)
+    keep = set(spliced)
+    if rec.out != rec.y:
+        nodes[rec.out].replace_all_uses_with(nodes[rec.y], delete_user_cb=lambda u: u not in keep)
+    for n in reversed(spliced):
+        graph.erase_node(n)
+
+
 class GraphSite(SiteAPI):
     """A graph-scope site: a view of its nodes in the GraphModule and of the module holding its tensors."""
 
@@ -197,12 +208,12 @@ class GraphTxn(Txn):
         x = reg.first.args[0]  # now: a site spliced before this one may feed it (its adapted output)
         original = base.module
         holder = _holder(original)
-        orig_weight = None
         if ctx.new_weight is not None:  # a new Parameter: the shared original stays untouched for restore
             w = stored_weight(ctx.new_weight, reg.layout).to(holder.weight.dtype).contiguous()
             holder.weight = nn.Parameter(w, requires_grad=False)
-            orig_weight = original.weight
+            holder.register_buffer(BASE_WEIGHT, original.weight.detach(), persistent=False)
         modules = attach(holder, variant, tensors)
+        holder.register_buffer(SCALE, new_scale(holder.weight), persistent=False)
         for m in modules.values():  # the mode of the user's module (an exported GraphModule is always "training")
             m.train(_state(gm)["modules"][path].training)
         meta = {"site": path, "variant": variant.short()}
@@ -214,8 +225,8 @@ class GraphTxn(Txn):
         for n in inputs:
             n.meta["surgery"] = dict(meta)
         info = SiteInfo(path=path, d_in=ctx.d_in, d_out=ctx.d_out, layout=reg.layout)
-        vg = trace_variant(variant, {n: getattr(holder, n) for n in tensors}, modules, ctx.dtype, holder.weight.dtype,
-                           has_bias=holder.bias is not None, site=info)
+        vg = trace_variant(variant, {n: getattr(holder, n) for n in [*tensors, SCALE]}, modules,
+                           has_bias=holder.bias is not None, site=info, cast=ctx.dtype != holder.weight.dtype)
         add_constants(holder, vg)
         new = splice(graph, vg, x=x, y=reg.y, weight=w_lin, bias=b_node, prefix=path + ".", meta=meta)
         for n in dict.fromkeys(inputs):  # the weight/bias nodes the variant does not read are bookkeeping
@@ -226,7 +237,8 @@ class GraphTxn(Txn):
             if stack is not None:  # spliced nodes belong to the site's module, like the region they extend
                 n.meta["nn_module_stack"] = stack.copy()
         out = next((n for n in new if any(u not in new for u in n.users)), reg.y)
-        rec = GraphRecord(path, variant, reg.layout, base.base_class, ctx.d_in, ctx.d_out, original, orig_weight,
+        rec = GraphRecord(path, variant, reg.layout, base.base_class, ctx.d_in, ctx.d_out, original,
+                          ctx.new_weight is not None,
                           x=x.name, y=reg.y.name, out=out.name)
         site = GraphSite(gm, rec, holder, graph)
 
@@ -320,23 +332,21 @@ class GraphScope(Scope):
     def remove(self, paths, folded=None, untie=frozenset()) -> None:
         self._found = None
         gm, graph = self.model, self.model.graph
-        nodes = {n.name: n for n in graph.nodes}
-        for path in paths:  # erase each site's nodes and route the base output back to its users
+        for path in paths:
             rec = self._records[path]
-            spliced = _spliced(graph, path)
-            keep = set(spliced)
-            if rec.out != rec.y:
-                nodes[rec.out].replace_all_uses_with(nodes[rec.y], delete_user_cb=lambda u: u not in keep)
-                for other in self._records.values():  # a site fed by this one now reads its base output
-                    if other.x == rec.out:
-                        other.x = rec.y
-            for n in reversed(spliced):
-                graph.erase_node(n)
+            _unsplice(graph, rec)
+            for other in self._records.values():  # a site fed by this one now reads its base output
+                if other.x == rec.out:
+                    other.x = rec.y
         graph.lint()
         gm.recompile()
         for path in paths:
             rec = self._records.pop(path)
             module = rec.original
+            kept = gm.get_submodule(path)._buffers.get(BASE_WEIGHT)
+            if kept is not None and kept.data_ptr() != rec.original.weight.data_ptr():
+                with torch.no_grad():  # the model was cast or moved since the rewrite: the original follows
+                    rec.original.weight.data = kept
             if folded is not None:  # new Parameters: the originals are shared with the eager model
                 W, b = folded[path]
                 module = _holder(rec.original)
@@ -344,6 +354,43 @@ class GraphScope(Scope):
                 if b is not None:
                     module.bias = nn.Parameter(b.to(rec.original.bias.dtype))
             _set(gm, path, module)
+
+    def gate(self, paths: list[str]) -> None:
+        gm = self.model
+        for path in paths:
+            rec, holder = self._records[path], gm.get_submodule(path)
+            out = add_gate(gm.graph, x=rec.x, y=rec.y, out=rec.out, layout=rec.layout, has_bias=holder.bias is not None,
+                           replaced=rec.replaced, prefix=path + ".",
+                           meta={"site": path, "variant": rec.variant.short()})
+            for other in self._records.values():  # a site fed by this one reads the blend now
+                if other.x == rec.out:
+                    other.x = out
+            rec.out, rec.gated = out, True
+        gm.graph.lint()
+        gm.recompile()
+
+    @contextmanager
+    def bypass(self) -> Iterator[None]:
+        """A temporary graph without the sites' nodes, their holders holding the original weights."""
+        gm, old = self.model, self.model.graph
+        graph = copy.deepcopy(old)
+        swapped = []
+        for path, rec in self._records.items():
+            _unsplice(graph, rec)
+            if rec.replaced:
+                holder = gm.get_submodule(path)
+                swapped.append((holder, holder._parameters["weight"]))
+                holder._parameters["weight"] = nn.Parameter(holder.surgery_base_weight, requires_grad=False)
+        graph.lint()
+        gm.graph = graph
+        gm.recompile()
+        try:
+            yield
+        finally:
+            for holder, weight in swapped:
+                holder._parameters["weight"] = weight
+            gm.graph = old
+            gm.recompile()
 
     @contextmanager
     def taps(self, paths: list[str], emit: Emit) -> Iterator[None]:

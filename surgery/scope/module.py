@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..site import Site, SiteRecord, adaptable, layout, stored_weight
-from ..splice import add_constants, attach, splice, trace_variant, tracer
+from ..splice import BASE_WEIGHT, SCALE, add_constants, add_gate, attach, new_scale, splice, trace_variant, tracer
 from ..variant import SiteInfo, SiteInit, Variant
 from .base import Base, Emit, Scope, Staged, Txn
 
@@ -38,21 +38,27 @@ def build_site(base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, t
     root.weight = leaf.weight
     root.bias = leaf.bias
     modules = attach(root, variant, tensors)
+    scale = new_scale(leaf.weight)
     info = SiteInfo(path=base.path, d_in=ctx.d_in, d_out=ctx.d_out, layout=lay)
-    vg = trace_variant(variant, {n: getattr(root, n) for n in tensors}, modules, ctx.dtype, leaf.weight.dtype,
-                       has_bias=leaf.bias is not None, site=info)
+    vg = trace_variant(variant, {**{n: getattr(root, n) for n in tensors}, SCALE: scale}, modules,
+                       has_bias=leaf.bias is not None, site=info, cast=ctx.dtype != leaf.weight.dtype)
     add_constants(root, vg)
     splice(graph, vg, x=x, y=y, weight=w, bias=b if leaf.bias is not None else None, prefix="",
            meta={"site": base.path, "variant": variant.short()})
+    root.register_buffer(SCALE, scale, persistent=False)
     site = Site(root, graph, class_name=type(leaf).__name__)
     add_constants(site, vg)  # GraphModule copied them as ordinary buffers: keep them out of state_dict
+    site.register_buffer(SCALE, scale, persistent=False)
     if leaf.bias is None:
         site.register_parameter("bias", None)
     site.graph.eliminate_dead_code()  # e.g. the base op, when a variant recomputes it from x
     site.graph.lint()
     site.recompile()
     site.train(leaf.training)  # new modules (dropout) follow the mode of the model they join
-    site.__dict__["record"] = SiteRecord(base.path, variant, lay, type(leaf).__name__, ctx.d_in, ctx.d_out, leaf)
+    names = {n.name for n in site.graph.nodes}
+    out = next(n for n in site.graph.nodes if n.op == "output").args[0]
+    site.__dict__["record"] = SiteRecord(base.path, variant, lay, type(leaf).__name__, ctx.d_in, ctx.d_out, leaf,
+                                         x=x.name, y=y.name if y.name in names else "", out=out.name)
     return site
 
 
@@ -117,7 +123,8 @@ class ModuleScope(Scope):
                 _set(self.model, path, st.site)
                 done.append(path)
                 if st.new_weight is not None:  # the leaf's own Parameter takes the new values; keep the old ones
-                    st.site.record.orig_weight = st.site.weight.detach().clone()
+                    st.site.register_buffer(BASE_WEIGHT, st.site.weight.detach().clone(), persistent=False)
+                    st.site.record.replaced = True
                     with torch.no_grad():
                         st.site.weight.copy_(st.new_weight)
         except BaseException:
@@ -143,8 +150,46 @@ class ModuleScope(Scope):
                     if b is not None:
                         leaf.bias.copy_(b.to(leaf.bias.dtype))
                 elif site.replaced_base:
-                    leaf.weight.copy_(site.record.orig_weight)
+                    leaf.weight.copy_(site.kept_weight)
             _set(self.model, path, leaf)
+
+    def gate(self, paths: list[str]) -> None:
+        for path in paths:
+            site = self.model.get_submodule(path)
+            rec = site.record
+            rec.out = add_gate(site.graph, x=rec.x, y=rec.y, out=rec.out, layout=rec.layout,
+                               has_bias=site.bias is not None, replaced=rec.replaced, prefix="",
+                               meta={"site": path, "variant": rec.variant.short()})
+            rec.gated = True
+            site.graph.lint()
+            site.recompile()
+
+    @contextmanager
+    def bypass(self):
+        """Each site's original leaf back at its path (with its original weight), then the sites again."""
+        sites = self.sites()
+        swapped = []
+        try:
+            for path, site in sites.items():
+                leaf = site.base
+                leaf.weight, leaf.bias = site.weight, site.bias  # the live Parameters, as in remove()
+                if site.replaced_base:
+                    leaf._parameters["weight"] = nn.Parameter(site.kept_weight, requires_grad=False)
+                # the leaf shows the site's buffers meanwhile: DDP re-reads a model's buffers at every forward
+                # and broadcasts them, and a model whose buffers all vanished makes it fail
+                mirrored = [n for n, b in site.named_buffers(recurse=False) if n not in leaf._buffers]
+                for n in mirrored:
+                    leaf.register_buffer(n, site._buffers[n], persistent=False)
+                _set(self.model, path, leaf)
+                swapped.append((path, site, mirrored))
+            yield
+        finally:
+            for path, site, mirrored in swapped:
+                for n in mirrored:
+                    del site.base._buffers[n]
+                    site.base._non_persistent_buffers_set.discard(n)
+                site.base._parameters["weight"] = site.weight
+                _set(self.model, path, site)
 
     @contextmanager
     def taps(self, paths: list[str], emit: Emit):
