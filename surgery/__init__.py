@@ -30,6 +30,7 @@ _PUBLIC = {  # name -> module that defines it
     "diff": "compare", "Diff": "compare",
     "Site": "site", "SiteAPI": "site",
     "disabled": "control", "scaled": "control", "set_scale": "control",
+    "resumable": "hf",
 }
 __all__ = [*_PUBLIC, "errors"]
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .capture import is_traced, trace
     from .compare import Diff, diff
     from .control import disabled, scaled, set_scale
+    from .hf import resumable
     from .inspect import Plan, plan, sites, summary
     from .io import load, save
     from .ops import merge, restore, rewrite

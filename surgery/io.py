@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterFileError, BaseMismatchError, MetaDeviceError, OutputPathError, clip
+from .hf import adapter_in
 from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
 from .scope import Scope, scope_of
 from .site import SiteAPI, linear_weight
@@ -326,6 +327,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) 
     sample of each adapted weight with the one saved in the file, and refuse another base for variants
     computed from it (PiSSA, DoRA, DeLoRA, EVA, AntiPaSTO; a warning for the others).
     """
+    path = adapter_in(path)
     data = read_bytes(path)
     header = read_header(path, data)
     meta = read_metadata(path, header=header)

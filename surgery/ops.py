@@ -33,6 +33,7 @@ from .errors import (
     WhereTypeError,
     clip,
 )
+from . import hf
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
 from .site import SiteAPI, dims, linear_weight
@@ -199,6 +200,7 @@ def install(scope: Scope, plan: dict[str, Variant], *, states: dict[str, Any] | 
         elif not loading and variant.identity_tol is not None and base.weight.device.type != "meta":
             _probe_identity(scope, staged, base, ctx)
     _commit(scope, txn)
+    hf.attach(scope.model)
     return {p: st.site for p, st in txn.staged.items()}
 
 
@@ -301,6 +303,7 @@ def restore(model: nn.Module) -> nn.Module:
     scope = scope_of(model)
     sites = all_sites(scope)
     scope.remove(list(sites))
+    hf.detach(scope.model)
     _restore_flags(scope, _originals(sites))
     return model
 
@@ -332,6 +335,7 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
         )
     # every site was folded and checked before any weight is written, so a bad fold cannot half-merge
     scope.remove(list(sites), folded, frozenset(untie))
+    hf.detach(scope.model)
     if untie:
         _untie_config(scope.model)
     _restore_flags(scope, _originals(sites))

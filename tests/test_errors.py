@@ -118,6 +118,17 @@ class Unused(Toy):
         self.spare = nn.Linear(8, 8)
 
 
+class Attending(Toy):
+    """An nn.MultiheadAttention, whose out_proj is never called: the attention reads its weight directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return super().forward(self.attn(x, x, x, need_weights=False)[0])
+
+
 def other_toy(cls, scope):
     torch.manual_seed(0)
     return scoped(scope, cls().eval())
@@ -419,6 +430,8 @@ CASES = [
     Bad("container-literal", fresh, rw(LoRA(), "layers.0"), E.UnsupportedModuleError, ("layers.0, a Block", "'layers.0.*'", "'layers.0.k_proj'")),
     # module scope cannot see that forward never calls it (issue 11 takes that on); the trace can
     Bad("linear-never-called", lambda t, s: other_toy(Unused, s), rw(LoRA(), "spare"), E.GraphScopeError, ("spare", "never runs", "silent no-op"), GRAPH_ONLY),
+    # graph scope refuses it as a linear that never runs (the row above); module scope by its parent's class
+    Bad("mha-out-proj", lambda t, s: other_toy(Attending, s), rw(LoRA(), "attn.out_proj"), E.UnsupportedModuleError, ("attn.out_proj", "nn.MultiheadAttention", "silent no-op"), MODULE_ONLY),
     Bad("layer-called-twice", lambda t, s: other_toy(Reused, s), rw(LoRA(), "*"), E.GraphScopeError, ("mix", "runs 2 times", "module scope"), GRAPH_ONLY),
     Bad("bad-regex", fresh, rw(LoRA(), "re:layers.(0|1"), E.PatternError, ("bad regex", "'re:layers.(0|1'", "whole path")),
     Bad("regex-overflow", fresh, rw(LoRA(), "re:a{99999999999}"), E.PatternError, ("bad regex", "repetition")),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..errors import UnsupportedModuleError
 from ..site import Site, SiteRecord, adaptable, layout, stored_weight
 from ..splice import BASE_WEIGHT, SCALE, add_constants, add_gate, attach, new_scale, splice, trace_variant, tracer
 from ..variant import SiteInfo, SiteInit, Variant
@@ -100,6 +101,13 @@ class ModuleScope(Scope):
         return {p: m for p, m in self.model.named_modules() if isinstance(m, Site)}
 
     def base(self, path: str) -> Base:
+        parent = self.model.get_submodule(path.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):
+            raise UnsupportedModuleError(
+                f"{path} is the output projection of an nn.MultiheadAttention, which reads its weight directly "
+                "(F.multi_head_attention_forward) instead of calling it, so an adapter there would be a silent "
+                f"no-op. Adapt the layers around the attention instead, or leave {path} out of `where`."
+            )
         leaf = self.model.get_submodule(path)
         return Base(path, layout(leaf), type(leaf).__name__, leaf)
 
