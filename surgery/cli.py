@@ -17,7 +17,7 @@ import ast
 import sys
 from typing import Any, Callable
 
-from .errors import ModelDirError, OutputFormatError, OutputPathError, SurgeryError, VariantSpecError, clip
+from .errors import DiffInputError, ModelDirError, OutputFormatError, OutputPathError, SurgeryError, VariantSpecError, clip
 
 _COMMANDS: list[tuple[Callable[[argparse.Namespace], int | None], list[tuple[tuple, dict]]]] = []
 
@@ -153,20 +153,22 @@ def inspect(args: argparse.Namespace) -> int | None:
 
 @command(
     arg("model_dir", help="a saved Hugging Face model directory (save_pretrained); read from local files only"),
-    arg("--variant", required=True, help='the variant to apply, e.g. "DoRA(r=8)" (parsed, never evaluated)'),
-    arg("--where", required=True, help='which modules, e.g. "*.k_proj" or "*.{q_proj,v_proj}"'),
+    arg("other", nargs="?", help="a second checkpoint directory: compare the two tensor by tensor instead"),
+    arg("--variant", help='the variant to apply, e.g. "DoRA(r=8)" (parsed, never evaluated)'),
+    arg("--where", help='which modules, e.g. "*.k_proj" or "*.{q_proj,v_proj}"'),
     arg("-o", "--output", nargs="+", default=[], metavar="FILE",
         help="write the diff to FILE: .txt, .svg or .html by extension (several allowed); default: print the text"),
 )
 def diff(args: argparse.Namespace) -> int | None:
-    """Rewrite a saved model in memory and show what the surgery changes (text, SVG or HTML)."""
+    """Show what a surgery changes (--variant, --where), or which weights differ between two checkpoints
+    (A B: exit 0 when they are the same, 1 when they differ)."""
     import copy
     from pathlib import Path
 
+    from .compare import Diff
     from .compare import diff as compute
     from .ops import rewrite
 
-    variant = parse_variant(args.variant)
     kinds = {".txt": "text", ".svg": "svg", ".html": "html", ".htm": "html"}
     for out in args.output:
         if Path(out).suffix.lower() not in kinds:
@@ -174,10 +176,27 @@ def diff(args: argparse.Namespace) -> int | None:
                 f"cannot tell the format of {out!r} from its extension; use one of {', '.join(kinds)} "
                 "(e.g. -o diff.html)."
             )
-    model = load_model(args.model_dir)
-    before = copy.deepcopy(model)
-    rewrite(model, variant, args.where)
-    result = compute(before, model)
+    if args.other is not None:
+        if args.variant or args.where:
+            raise DiffInputError("pass either a second checkpoint (surgery diff A B) or --variant and --where, not both.")
+        if any(kinds[Path(out).suffix.lower()] == "svg" for out in args.output):
+            raise OutputFormatError("a checkpoint diff is a table of tensors: write it as .txt or .html, not .svg.")
+        from .weights import changes, of_checkpoint
+
+        before, after = of_checkpoint(args.model_dir), of_checkpoint(args.other)
+        result = Diff("checkpoint", {}, changes(before, after, progress=_progress(len(before) + len(after))))
+    else:
+        if not (args.variant and args.where):
+            raise DiffInputError(
+                "surgery diff needs --variant and --where (what to apply to MODEL_DIR), or a second checkpoint "
+                'directory to compare with, e.g. surgery diff base/ merged/ or surgery diff base/ --variant "LoRA(r=8)" '
+                '--where "*.q_proj".'
+            )
+        variant = parse_variant(args.variant)
+        model = load_model(args.model_dir)
+        before = copy.deepcopy(model)
+        rewrite(model, variant, args.where)
+        result = compute(before, model)
     if not args.output:
         print(result)
     for out in args.output:
@@ -190,7 +209,18 @@ def diff(args: argparse.Namespace) -> int | None:
         else:
             result.to_html(out)
         print(f"wrote {out}")
-    return 0
+    return 1 if args.other is not None and result else 0
+
+
+def _progress(n: int):
+    """A progress bar on stderr for long comparisons (tqdm, which transformers brings), else none."""
+    if n < 200:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return lambda items: tqdm(items, desc="comparing", unit="tensor", file=sys.stderr)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -25,6 +25,8 @@ from torch import nn
 from .errors import DiffInputError
 from .scope import ModuleScope
 from .site import Site, adaptable
+from .weights import WeightChange, of_model, table
+from .weights import changes as weight_changes
 
 ADDED, REMOVED, CHANGED = "added", "removed", "changed"
 GRAPH = "(graph)"  # group of graph-scope changes that belong to no module path
@@ -86,8 +88,9 @@ def _strip(line: str) -> str:
 class Diff:
     """The result of ``surgery.diff``: ``.added``, ``.removed``, ``.changed``, ``str()``, SVG, HTML."""
 
-    scope: str  # "module" or "graph"
+    scope: str  # "module", "graph", or "checkpoint" (two checkpoint directories: weights only)
     groups: dict[str, Group]
+    weights: list[WeightChange] = field(default_factory=list)  # tensors whose values differ (surgery/weights.py)
 
     @property
     def added(self) -> list[NodeChange]:
@@ -111,7 +114,7 @@ class Diff:
         return list(self.groups)
 
     def __bool__(self) -> bool:
-        return any(g.changes or g.class_change for g in self.groups.values())
+        return bool(self.weights) or any(g.changes or g.class_change for g in self.groups.values())
 
     def folded(self) -> list[tuple[Group, list[Group]]]:
         """Groups with identical changes folded together: (first, the others like it), in order."""
@@ -126,8 +129,11 @@ class Diff:
 
     def __str__(self) -> str:
         n_sites = sum(1 for g in self.groups.values() if g.variant)
-        lines = [f"surgery diff ({self.scope} scope): {n_sites} site{'s' * (n_sites != 1)}, "
-                 f"+{len(self.added)} added, -{len(self.removed)} removed, ~{len(self.changed)} changed nodes"]
+        if self.scope == "checkpoint":  # two checkpoints: weights only
+            lines = [f"surgery diff (checkpoints): {len(self.weights)} tensor{'s' * (len(self.weights) != 1)} differ"]
+        else:
+            lines = [f"surgery diff ({self.scope} scope): {n_sites} site{'s' * (n_sites != 1)}, +{len(self.added)} "
+                     f"added, -{len(self.removed)} removed, ~{len(self.changed)} changed nodes"]
         if not self:
             lines.append("no changes")
         for first, same in self.folded():
@@ -143,6 +149,9 @@ class Diff:
                     continue
                 lines.append(head)
                 lines += [str(c) for c in g.changes]
+        if self.weights:
+            lines.append(f"@@ weights: {len(self.weights)} tensor{'s' * (len(self.weights) != 1)} differ")
+            lines += table(self.weights)
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -333,7 +342,7 @@ def _module_diff(before: nn.Module, after: nn.Module) -> Diff:
             g.changes = compare(g.before_graph, g.after_graph, b, a, lambda n, side, p=path: p)
         if g.changes or g.class_change:
             groups[path] = g
-    return Diff("module", groups)
+    return Diff("module", groups, weight_changes(of_model(before), of_model(after)))
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -386,7 +395,7 @@ def _graph_diff(before: fx.GraphModule, after: fx.GraphModule, hops: int = 2) ->
         # the code of a region of a big graph: the lines of the changed nodes and their neighbours
         g.before_code = "\n".join(node_line(n) for n in before.graph.nodes if n.name in shown) + "\n"
         g.after_code = "\n".join(node_line(n) for n in after.graph.nodes if n.name in shown) + "\n"
-    return Diff("graph", groups)
+    return Diff("graph", groups, weight_changes(of_model(before), of_model(after)))
 
 
 def diff(before: nn.Module, after: nn.Module) -> Diff:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .compare import ADDED, CHANGED, REMOVED, Diff, Group, context, node_line, unified
 from .errors import RenderError
+from .weights import HEAD
 
 # fill, border: green added, red removed, amber changed, grey context
 COLOURS = {ADDED: ("#d4f5d0", "#2e7d32"), REMOVED: ("#fbd3d3", "#c62828"), CHANGED: ("#ffe4a8", "#d08700"),
@@ -184,6 +185,11 @@ def to_html(diff: Diff, path=None, *, context: int = 2) -> str:
             f"<td>{html.escape(g.variant or '')}</td><td class=\"n\">+{g.count(ADDED)}</td>"
             f'<td class="n">-{g.count(REMOVED)}</td><td class="n">~{g.count(CHANGED)}</td></tr>'
         )
+    weights = ""
+    if diff.weights:
+        head_cells = "".join(f"<th>{html.escape(h)}</th>" for h in HEAD)
+        body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in w.row()) + "</tr>" for w in diff.weights)
+        weights = f'<h2>weights</h2>\n<table class="sites weights"><tr>{head_cells}</tr>\n{body}\n</table>'
     sections = []
     for g, same in diff.folded():
         anchors = "".join(f'<a id="{_anchor(s.path)}"></a>' for s in same)
@@ -205,6 +211,7 @@ def to_html(diff: Diff, path=None, *, context: int = 2) -> str:
 <table class="sites"><tr><th>path</th><th>class</th><th>variant</th><th>added</th><th>removed</th><th>changed</th></tr>
 {chr(10).join(rows)}
 </table>
+{weights}
 {chr(10).join(sections)}
 </body></html>
 """
