@@ -31,6 +31,7 @@ from .errors import (
     UnsupportedModuleError,
     VariantContractError,
     WhereTypeError,
+    SHOWN,
     clip,
 )
 from . import hf
@@ -437,7 +438,8 @@ def check_targets(scope: Scope, targets: dict[str, tuple[int, int] | None], sour
         if p in sites:
             raise already_rewritten(scope, p)
         if p not in cands:
-            close = difflib.get_close_matches(p, list(cands), n=2, cutoff=0.0)
+            # on a prefix: difflib is quadratic, and a file may name a path of millions of characters
+            close = difflib.get_close_matches(p[:4 * SHOWN], list(cands), n=2, cutoff=0.0)
             raise BaseMismatchError(
                 f"{source} was saved for another base: it adapts {clip(p)}, which this {scope.noun} does not have "
                 f"(closest: {', '.join(close) or 'none'}). Load it onto the base it was trained on."

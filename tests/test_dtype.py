@@ -13,7 +13,7 @@ from models import SCOPES, rel_err
 from surgery import errors as E
 from test_control import X, adapted, toy
 
-HALF = {torch.bfloat16: 4e-2, torch.float16: 1e-2}  # measured worst: see the closing note of issue 12
+HALF = {torch.bfloat16: 3e-2, torch.float16: 3e-3}  # measured worst over the table: 1.7e-2 and 1.3e-3
 
 
 def cast(model, dtype):
