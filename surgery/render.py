@@ -122,6 +122,24 @@ def _legend(pydot, graph) -> None:
     graph.add_subgraph(legend)
 
 
+WEIGHT_ROWS = 40  # rows of the weight table drawn in a picture (the text and the page list every one)
+
+
+def _weights(pydot, graph, rows) -> None:
+    """The weight changes as a table node (Graphviz HTML-like label)."""
+    cell = '<TD ALIGN="LEFT">{}</TD>'
+    lines = ["<TR>" + "".join(cell.format(f"<B>{html.escape(h)}</B>") for h in HEAD) + "</TR>"]
+    lines += ["<TR>" + "".join(cell.format(html.escape(c)) for c in w.row()) + "</TR>" for w in rows[:WEIGHT_ROWS]]
+    if len(rows) > WEIGHT_ROWS:
+        lines.append(f'<TR><TD COLSPAN="{len(HEAD)}" ALIGN="LEFT">... {len(rows) - WEIGHT_ROWS} more</TD></TR>')
+    table = f'<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" CELLPADDING="3">{"".join(lines)}</TABLE>'
+    cluster = pydot.Cluster("weights", label='"weights"', style="rounded", color="#cfd8dc",
+                            fontname="DejaVu Sans", fontsize="10")
+    cluster.add_node(pydot.Node("weights_table", label=f"<{table}>", shape="plaintext",
+                                fontname="DejaVu Sans Mono", fontsize="9"))
+    graph.add_subgraph(cluster)
+
+
 def to_dot(diff: Diff, context: int = 2):
     """The pydot graph of a diff (one cluster per distinct kind of change)."""
     pydot = _require_dot()
@@ -131,6 +149,8 @@ def to_dot(diff: Diff, context: int = 2):
     _legend(pydot, graph)
     for i, (g, same) in enumerate(diff.folded()):
         _cluster(pydot, graph, i, g, same, context)
+    if diff.weights:
+        _weights(pydot, graph, diff.weights)
     return graph
 
 

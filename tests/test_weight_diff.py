@@ -90,3 +90,16 @@ def test_the_cli_compares_two_checkpoints_tensor_by_tensor(tmp_path, capsys):
     assert "spare.weight" in (tmp_path / "d.html").read_text() and "only after" in (tmp_path / "d.html").read_text()
     assert main(["diff", str(tmp_path / "base"), str(tmp_path / "nothing")]) == 2
     assert "no .safetensors files" in capsys.readouterr().err
+
+
+def test_the_picture_shows_the_weight_table(tmp_path):
+    import shutil
+
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz `dot` is not installed (apt-get install graphviz)")
+    before = nn.Sequential(nn.Linear(4, 3))
+    after = copy.deepcopy(before)
+    with torch.no_grad():
+        after[0].weight.add_(1.0)
+    svg = surgery.diff(before, after).to_svg(tmp_path / "d.svg")
+    assert "0.weight" in svg and "rel. change" in svg and "0.bias" not in svg
