@@ -74,7 +74,7 @@ class UnknownVariantError(SurgeryError, ValueError):
 
 
 class NotRewrittenError(SurgeryError, ValueError):
-    """The model has no sites, so there is nothing to merge, restore, save or export."""
+    """The model has no sites, so there is no adapter to merge, restore, save, export, switch off or scale."""
 
 
 class AdaptersDisabledError(SurgeryError, RuntimeError):

@@ -278,7 +278,8 @@ def all_sites(scope: Scope) -> dict[str, SiteAPI]:
     sites = scope.sites()
     if not sites:
         raise NotRewrittenError(
-            f"the {scope.noun} has no sites: nothing to merge, restore, save or export. "
+            f"the {scope.noun} has no sites (nothing was rewritten or loaded into it), so there is no adapter to "
+            "merge, restore, save, export, switch off or scale. "
             f"Call surgery.rewrite({_arg(scope)}, variant, where) first."
         )
     return sites

@@ -165,7 +165,7 @@ def _export_ia3(site: SiteAPI) -> _Part:
 def _export_delta(site: SiteAPI) -> _Part:
     """A variant with no PEFT peer: its fold minus the original weight, as an exact LoRA."""
     W0 = site.original_weight.double()
-    W1, b1 = site.fold(torch.float64)  # in float64, so the delta's rank is not rounding
+    W1, b1 = site.fold(torch.float64, at=1.0)  # float64: the delta's rank is not rounding; at 1: as trained
     if site.bias is not None and not torch.allclose(b1, site.bias.detach().double(), rtol=0, atol=1e-12):
         raise PeftFormatError(
             f"{site.variant.short()} at {site.path} changes the bias, which a PEFT LoRA cannot express. "

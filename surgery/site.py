@@ -149,22 +149,24 @@ class SiteAPI:
     def trainable_count(self) -> int:
         return sum(t.numel() for t in self.adapter_tensors().values() if isinstance(t, nn.Parameter) and t.requires_grad)
 
-    def fold(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Merged (W', b') in nn.Linear layout, computed in ``dtype`` (default: float32 or wider)."""
+    def fold(self, dtype: torch.dtype | None = None, at: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Merged (W', b') in nn.Linear layout, computed in ``dtype`` (default: float32 or wider), at strength
+        ``at`` (default: the site's current one; files hold the adapter as trained, at 1)."""
+        scale = self.scale if at is None else at
         owner = self._owner()
         w = owner.weight
         dt = dtype or torch.promote_types(w.dtype, torch.float32)
         W = linear_weight(w.detach(), self.layout).to(dt)
         b = None if owner.bias is None else owner.bias.detach().to(dt)
-        c = torch.tensor(self.scale, dtype=dt, device=W.device)
+        c = torch.tensor(scale, dtype=dt, device=W.device)
         t = SimpleNamespace(site=self.info, surgery_scale=c,
                             **{n: v.detach().to(dt) for n, v in self.adapter_tensors().items()})
         with torch.no_grad():
             W2, b2 = self.variant.fold(W, b, t)
-            if self.variant.steered or self.scale == 1:
+            if self.variant.steered or scale == 1:
                 return W2, b2
             base = self.original_weight.to(dt)  # the blend y + c (out - y) folds to W + c (W' - W)
-            if self.scale == 0:
+            if scale == 0:
                 return base, b
             return base + c * (W2 - base), (None if b2 is None else b + c * (b2 - b))
 

@@ -277,3 +277,20 @@ def test_a_model_compiled_before_its_first_scale_sees_it(scope):
     assert torch.equal(compiled(X), base)
     surgery.set_scale(model, 1.0)
     assert torch.equal(compiled(X), out)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("case_id", ["lora", "antipasto"])
+def test_files_hold_the_adapter_as_trained_whatever_the_strength(scope, case_id, tmp_path):
+    from safetensors.torch import load_file
+
+    model, _, _ = adapted(scope, next(c for c in CASES if c.id == case_id))
+    surgery.export_peft(model, tmp_path / "at1")
+    surgery.save(model, tmp_path / "at1.safetensors")
+    surgery.set_scale(model, -0.5)
+    surgery.export_peft(model, tmp_path / "scaled")
+    surgery.save(model, tmp_path / "scaled.safetensors")
+    for a, b in [(tmp_path / "at1" / "adapter_model.safetensors", tmp_path / "scaled" / "adapter_model.safetensors"),
+                 (tmp_path / "at1.safetensors", tmp_path / "scaled.safetensors")]:
+        x, y = load_file(str(a)), load_file(str(b))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
