@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, MetaDeviceError
-from .ops import all_sites
+from .ops import all_sites, require_unsharded
 from .scope import DISABLED, Scope, scope_of, unwrap
 from .site import SiteAPI
 
@@ -34,7 +34,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     scope = scope_of(inner)
-    all_sites(scope)
+    require_unsharded(scope, all_sites(scope), "disable")
     with scope.bypass():
         inner.__dict__[DISABLED] = True
         try:

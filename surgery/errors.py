@@ -77,6 +77,10 @@ class NotRewrittenError(SurgeryError, ValueError):
     """The model has no sites, so there is no adapter to merge, restore, save, export, switch off or scale."""
 
 
+class ShardedModelError(SurgeryError, RuntimeError):
+    """A verb that needs whole weights was called on a model sharded by FSDP2 (``fully_shard``)."""
+
+
 class AdaptersDisabledError(SurgeryError, RuntimeError):
     """A verb was called on a model inside ``with surgery.disabled(model):``."""
 

@@ -29,7 +29,7 @@ from .errors import AdapterFileError, BaseMismatchError, MetaDeviceError, Output
 from .hf import adapter_in
 from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
 from .scope import Scope, scope_of
-from .site import SiteAPI, linear_weight
+from .site import SiteAPI, gathered, is_sharded, linear_weight
 from .variant import Variant, variant_from_config
 
 FORMAT = "model-surgery"
@@ -190,10 +190,13 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter (tensors + configs + base fingerprint) to a safetensors file, atomically."""
     scope = scope_of(model)
     sites = all_sites(scope)
-    require_finite(scope, sites, "save")
+    # a model sharded by FSDP2: every rank calls save and gathers each tensor (a collective); rank 0 writes
+    sharded = any(is_sharded(s.weight) for s in sites.values())
+    whole = {p: {n: gathered(t) for n, t in s.adapter_tensors().items()} for p, s in sites.items()}
+    require_finite(scope, sites, "save", whole)
     tensors, meta = {}, {}
     for p, s in sites.items():
-        for name, t in s.adapter_tensors().items():
+        for name, t in whole[p].items():
             if t.device.type == "meta":
                 raise MetaDeviceError(
                     f"cannot save {p}.{name}: it is on the meta device (shapes only, no values). Move the model "
@@ -205,11 +208,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             "variant": s.variant.name,
             "config": s.variant.to_config(),
             "base": {"class": s.base_class, "layout": s.layout, "d_in": s.d_in, "d_out": s.d_out,
-                     "dtype": str(s.weight.dtype).removeprefix("torch."), "sample": weight_sample(s.original_weight)},
+                     "dtype": str(s.weight.dtype).removeprefix("torch."),
+                     "sample": weight_sample(gathered(s.original_weight))},
         }
     metadata = {"format": FORMAT, "version": str(VERSION), "sites": json.dumps(meta),
                 "fingerprint": fingerprint(scope)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if not sharded or torch.distributed.get_rank() == 0:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if sharded:
+        torch.distributed.barrier()  # no rank goes on (to load the file, say) before it is there
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:

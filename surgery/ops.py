@@ -31,13 +31,14 @@ from .errors import (
     UnsupportedModuleError,
     VariantContractError,
     WhereTypeError,
+    ShardedModelError,
     SHOWN,
     clip,
 )
 from . import hf
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
-from .site import SiteAPI, dims, linear_weight
+from .site import SiteAPI, dims, is_sharded, linear_weight
 from .variant import SiteInit, Variant
 from .where import Matches, Where, match
 
@@ -174,6 +175,11 @@ def install(scope: Scope, plan: dict[str, Variant], *, states: dict[str, Any] | 
     txn = scope.begin()
     for path, variant in plan.items():
         base = scope.base(path)
+        if is_sharded(base.weight):
+            raise ShardedModelError(
+                f"cannot adapt {path}: the model is already sharded by FSDP2 (its weight is a DTensor), and a site is "
+                "built around the whole weight. Rewrite (or load) first, then call fully_shard on the rewritten model."
+            )
         aliases = scope.aliases(path)
         if aliases:
             raise UnsupportedModuleError(
@@ -317,6 +323,7 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
     """
     scope = scope_of(model)
     sites = all_sites(scope)
+    require_unsharded(scope, sites, "merge")
     owners = _owners(scope.model)
     folded, untie = {}, {}
     for path, site in (progress or iter)(sites.items()):
@@ -375,10 +382,24 @@ def _fold_checked(scope: Scope, site: SiteAPI) -> tuple[torch.Tensor, torch.Tens
     return W, b
 
 
-def require_finite(scope: Scope, sites: dict[str, SiteAPI], verb: str) -> None:
-    """Refuse to write an adapter holding NaN or Inf (load and merge refuse it too)."""
+def require_unsharded(scope: Scope, sites: dict[str, SiteAPI], verb: str) -> None:
+    """Refuse a verb that needs whole weights on a model sharded by FSDP2."""
     for path, site in sites.items():
-        bad = [n for n, t in site.adapter_tensors().items() if t.is_floating_point() and t.device.type != "meta"
+        if is_sharded(site.weight) or any(is_sharded(t) for t in site.adapter_tensors().values()):
+            raise ShardedModelError(
+                f"cannot {verb} {path}: the model is sharded by FSDP2 (fully_shard), so each rank holds a slice of "
+                f"its weights, and {verb} needs them whole. surgery.save gathers the adapter on rank 0: save it, "
+                f"load it onto an unsharded base, and {verb} there."
+            )
+
+
+def require_finite(scope: Scope, sites: dict[str, SiteAPI], verb: str,
+                   tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Refuse to write an adapter holding NaN or Inf (load and merge refuse it too); ``tensors``: the sites'
+    adapter tensors as they will be written (gathered), if not the sites' own."""
+    for path, site in sites.items():
+        own = site.adapter_tensors() if tensors is None else tensors[path]
+        bad = [n for n, t in own.items() if t.is_floating_point() and t.device.type != "meta"
                and not torch.isfinite(t).all()]
         if bad:
             raise NonFiniteError(

@@ -41,7 +41,7 @@ from torch import nn
 
 from .errors import AdapterFileError, ConfigError, PeftFormatError, clip
 from .io import atomic_write_all, decode, read_bytes, read_header
-from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
+from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite, require_unsharded
 from .scope import scope_of
 from .site import SiteAPI
 from .site import dims, linear_weight
@@ -232,6 +232,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     """
     scope = scope_of(model)
     sites = all_sites(scope)
+    require_unsharded(scope, sites, "export")
     require_finite(scope, sites, "export")
     parts = {p: _exporter(s)(s) for p, s in sites.items()}
     types = {p: part.peft_type for p, part in parts.items()}

@@ -58,6 +58,20 @@ def dims(weight: torch.Tensor, lay: str) -> tuple[int, int]:
     return (weight.shape[1], weight.shape[0]) if lay == "linear" else (weight.shape[0], weight.shape[1])
 
 
+def is_sharded(t: torch.Tensor | None) -> bool:
+    """True for a DTensor (a parameter sharded by FSDP2's ``fully_shard``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it), else ``t``."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
 def linear_weight(w: torch.Tensor, lay: str) -> torch.Tensor:
     """The weight in nn.Linear layout (d_out, d_in), whatever the storage layout."""
     return w if lay == "linear" else w.t()
