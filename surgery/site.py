@@ -194,6 +194,14 @@ class Site(fx.GraphModule, SiteAPI):
     def _owner(self) -> nn.Module:
         return self
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        # the original leaf shares the site's weight and bias: when something puts new ones on the site
+        # (FSDP2's fully_shard, load_state_dict(assign=True)), the leaf takes them too instead of keeping the
+        # old, whole tensors alive
+        if name in ("weight", "bias") and "record" in self.__dict__ and name in self._parameters:
+            self.record.original._parameters[name] = self._parameters[name]
+
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
         for name, value in self._parameters.items():  # GraphModule's copy drops a None bias

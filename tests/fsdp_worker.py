@@ -4,8 +4,10 @@ Each rank prints one JSON line: what each verb did on the sharded model, and (ra
 saved from it loads on a bare base.
 """
 
+import gc
 import json
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -35,9 +37,12 @@ def main(out: str) -> None:
     rank = dist.get_rank()
     model = toy()
     surgery.rewrite(model, LoRA(r=4), "*")
+    whole = [weakref.ref(site.weight) for site in surgery.sites(model).values()]
     for site in surgery.sites(model).values():
         fully_shard(site)
     fully_shard(model)
+    gc.collect()
+    kept_whole = sum(ref() is not None for ref in whole)  # the site's original leaf must not hold them
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(rank))  # each rank its own batch
     model(x).square().mean().backward()
@@ -48,6 +53,7 @@ def main(out: str) -> None:
     surgery.save(model, f"{out}/a.safetensors")  # every rank calls it; rank 0 writes
     result = {
         "rank": rank,
+        "kept_whole_weights": kept_whole,
         "merge": outcome(lambda: surgery.merge(model)),
         "export": outcome(lambda: surgery.export_peft(model, f"{out}/peft")),
         "disabled": outcome(lambda: surgery.disabled(model).__enter__()),

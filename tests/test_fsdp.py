@@ -1,6 +1,7 @@
 """FSDP2 (`fully_shard`) on a rewritten model, two processes over gloo on CPU: `save` gathers the sharded
 adapter (every rank calls it, rank 0 writes) into a file that loads on a bare base with the sharded model's
-outputs; the verbs that need whole weights refuse with the project's error."""
+outputs; no rank keeps an unsharded copy of an adapted weight; the verbs that need whole weights refuse with
+the project's error."""
 
 import json
 import os
@@ -23,4 +24,5 @@ def test_fsdp2_save_gathers_and_whole_weight_verbs_refuse(tmp_path):
     for r in results:
         assert r["merge"] == r["export"] == r["disabled"] == r["rewrite_sharded"] == "ShardedModelError", r
         assert r["reload_max_diff"] <= 1e-6 and r["trained"], r  # the same file, whole, on every rank
+        assert r["kept_whole_weights"] == 0, r  # no rank keeps an unsharded copy of an adapted weight
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
