@@ -53,6 +53,9 @@ class IA3(Variant):
     def input_side(self, path: str) -> bool:
         return any(path.endswith(s) for s in self.feedforward)
 
+    def trace_key(self, site) -> bool:
+        return self.input_side(site.path)  # all forward reads of the path: sites on one side share a trace
+
     def check(self, site: SiteInit) -> None:
         if self.input_side(site.path) and site.weight is None:
             raise DenseWeightError(

@@ -12,8 +12,8 @@ the variant and the rule it broke (see ``surgery/variant.py`` for the rules).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Hashable
 
 import torch
 import torch.fx as fx
@@ -82,8 +82,62 @@ def tracer() -> fx.Tracer:
     return t
 
 
+class _Watched:
+    """``t.site`` while a forward is traced: the same facts, noting whether the forward read the path."""
+
+    def __init__(self, info: SiteInfo):
+        self.info, self.read_path = info, False
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "path":
+            self.read_path = True
+        return getattr(self.info, name)
+
+
+@dataclass
+class Traces:
+    """The variant graphs of one rewrite (or load), each traced once per kind of site.
+
+    Two sites trace to the same graph when they agree on everything a forward can branch on while it
+    is traced: the variant's fields, the site's shape, layout and bias, the cast, the names, shapes and
+    dtypes of the tensors, the modules; and, for a forward that reads ``t.site.path``, the variant's
+    ``trace_key`` of it (by default the path itself, so such sites are traced one by one).
+    """
+
+    graphs: dict[Hashable, VariantGraph] = field(default_factory=dict)
+    reads_path: dict[Hashable, bool] = field(default_factory=dict)  # per kind: does forward read t.site.path?
+
+    def key(self, variant: Variant, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
+            has_bias: bool, site: SiteInfo, cast: bool) -> Hashable | None:
+        """The kind of a site, or None when it cannot be told (a variant with an unhashable field)."""
+        specs = tuple((n, tuple(t.shape), t.dtype, t.device.type) for n, t in tensors.items())
+        kind = (variant, site.d_in, site.d_out, site.layout, has_bias, cast, specs, tuple(modules))
+        try:
+            hash(kind)
+        except TypeError:
+            return None
+        if self.reads_path.get(kind):
+            return kind, variant.trace_key(site)
+        return kind, None
+
+    def get(self, variant: Variant, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
+            has_bias: bool, site: SiteInfo, cast: bool) -> tuple[VariantGraph, Hashable | None]:
+        """The variant graph of this site and its key (None: traced for this site alone)."""
+        key = self.key(variant, tensors, modules, has_bias, site, cast)
+        if key is not None and key in self.graphs:
+            return self.graphs[key], key
+        watched = _Watched(site)
+        vg = trace_variant(variant, tensors, modules, has_bias, watched, cast)
+        if key is not None:
+            kind = key[0]
+            self.reads_path[kind] = watched.read_path
+            key = (kind, variant.trace_key(site) if watched.read_path else None)
+            self.graphs[key] = vg
+        return vg, key
+
+
 def trace_variant(variant: Variant, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
-                  has_bias: bool, site: SiteInfo, cast: bool) -> VariantGraph:
+                  has_bias: bool, site: SiteInfo | _Watched, cast: bool) -> VariantGraph:
     holder = _Holder(variant, tensors, modules, site, cast)
     concrete = None if has_bias else {"bias": None}
     try:

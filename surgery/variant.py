@@ -19,7 +19,9 @@ A variant is a frozen dataclass of hyper-parameters plus three pieces of behavio
 3. ``fold(weight, bias, t)``: return the merged ``(W', b')`` in nn.Linear layout (``t`` as in forward). Every
    variant here is linear in x, so each folds exactly.
 
-Rules for ``forward`` (it is traced with torch.fx, once per site, so it must be a static graph):
+Rules for ``forward`` (it is traced with torch.fx, so it must be a static graph; the trace is shared by
+every site of one rewrite with the same shape, layout, bias and tensor shapes, so a forward that branches
+on ``t.site.path`` says what of the path it reads with ``trace_key``):
 
 - no control flow on tensor values (``if t.lora_B.abs().sum() > 0`` cannot be traced); branch only
   on Python values: the variant's own fields and ``t.site`` (path, d_in, d_out, layout);
@@ -46,7 +48,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Hashable
 
 import torch
 from torch import nn
@@ -151,6 +153,12 @@ class Variant:
     def observe(self, state: Any, rows: torch.Tensor) -> Any:
         """Accumulate calibration rows (N, d_in) for one site; return the new state."""
         raise NotImplementedError
+
+    def trace_key(self, site: SiteInfo) -> Hashable:
+        """What of ``site.path`` forward branches on; asked only for a forward that reads ``t.site.path``.
+        Sites with equal keys (and equal shapes) share one traced graph; the default, the path itself,
+        traces each such site on its own. IA3 returns which side of the layer it scales."""
+        return site.path
 
     def configure(self, states: dict[str, Any]) -> dict[str, "Variant"]:
         """Per-site configurations after calibration (EVA's rank redistribution)."""

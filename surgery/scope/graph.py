@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import GraphScopeError
 from ..site import SiteAPI, SiteRecord, layout_of_class, linear_weight, stored_weight
-from ..splice import BASE_WEIGHT, SCALE, add_constants, add_gate, attach, new_scale, splice, trace_variant
+from ..splice import BASE_WEIGHT, SCALE, Traces, add_constants, add_gate, attach, new_scale, splice
 from ..capture import module_path, route
 from ..variant import SiteInfo, SiteInit, Variant
 from .base import Base, Emit, Scope, Staged, Txn
@@ -134,28 +134,41 @@ def _set_nested(root: nn.Module, path: str, module: nn.Module) -> None:
     root.add_module(name, module)
 
 
+def _region(spliced: list[fx.Node], x: fx.Node, y: fx.Node, out: fx.Node, holder: nn.Module,
+            path: str) -> tuple[nn.Module, fx.Graph]:
+    """A site's spliced nodes as a standalone graph ``(x, y) -> adapted y``, and a root holding its tensors."""
+    g = fx.Graph()
+    env = {x: g.placeholder("x"), y: g.placeholder("y")}
+    for n in spliced:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[out])
+    root = nn.Module()
+    _set_nested(root, path, holder)
+    return root, g
+
+
 def region_module(graph: fx.Graph, holder: nn.Module, rec: GraphRecord) -> fx.GraphModule:
     """The site's spliced nodes as a standalone GraphModule ``(x, y) -> adapted y``."""
     nodes = {n.name: n for n in graph.nodes}
-    g = fx.Graph()
-    env = {nodes[rec.x]: g.placeholder("x"), nodes[rec.y]: g.placeholder("y")}
-    for n in _spliced(graph, rec.path):
-        env[n] = g.node_copy(n, lambda a: env[a])
-    g.output(env[nodes[rec.out]])
-    root = nn.Module()
-    _set_nested(root, rec.path, holder)
+    root, g = _region(_spliced(graph, rec.path), nodes[rec.x], nodes[rec.y], nodes[rec.out], holder, rec.path)
     return fx.GraphModule(root, g, class_name=f"{rec.base_class}Site")
 
 
-def _unsplice(graph: fx.Graph, rec: GraphRecord) -> None:
-    """Erase a site's nodes from ``graph`` and route its base output back to their users."""
+def _unsplice(graph: fx.Graph, records: list[GraphRecord]) -> None:
+    """Erase the sites' nodes from ``graph`` and route each base output back to their users (one pass over
+    the graph for all of them)."""
     nodes = {n.name: n for n in graph.nodes}
-    spliced = _spliced(graph, rec.path)
-    keep = set(spliced)
-    if rec.out != rec.y:
-        nodes[rec.out].replace_all_uses_with(nodes[rec.y], delete_user_cb=lambda u: u not in keep)
-    for n in reversed(spliced):
-        graph.erase_node(n)
+    spliced: dict[str, list[fx.Node]] = {rec.path: [] for rec in records}
+    for n in graph.nodes:
+        path = n.meta.get("surgery", {}).get("site")
+        if path in spliced:
+            spliced[path].append(n)
+    for rec in records:
+        keep = set(spliced[rec.path])
+        if rec.out != rec.y:
+            nodes[rec.out].replace_all_uses_with(nodes[rec.y], delete_user_cb=lambda u: u not in keep)
+        for n in reversed(spliced[rec.path]):
+            graph.erase_node(n)
 
 
 class GraphSite(SiteAPI):
@@ -201,6 +214,7 @@ class GraphTxn(Txn):
         self.gm = gm
         self.graph = copy.deepcopy(gm.graph)
         self.found = regions(gm, self.graph)
+        self.traces = Traces()
 
     def stage(self, base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Staged:
         gm, graph, path = self.gm, self.graph, base.path
@@ -221,20 +235,21 @@ class GraphTxn(Txn):
             w_node = graph.get_attr(f"{path}.weight")
             b_node = graph.get_attr(f"{path}.bias") if holder.bias is not None else None
             w_lin = graph.call_method("t", (w_node,)) if reg.layout == "conv1d" else w_node
-        inputs = [n for n in (b_node, w_lin, w_node) if n is not None]
+        inputs = list(dict.fromkeys(n for n in (w_node, b_node, w_lin) if n is not None))  # in graph order
         for n in inputs:
             n.meta["surgery"] = dict(meta)
         info = SiteInfo(path=path, d_in=ctx.d_in, d_out=ctx.d_out, layout=reg.layout)
-        vg = trace_variant(variant, {n: getattr(holder, n) for n in [*tensors, SCALE]}, modules,
-                           has_bias=holder.bias is not None, site=info, cast=ctx.dtype != holder.weight.dtype)
+        vg, _ = self.traces.get(variant, {n: getattr(holder, n) for n in [*tensors, SCALE]}, modules,
+                                has_bias=holder.bias is not None, site=info, cast=ctx.dtype != holder.weight.dtype)
         add_constants(holder, vg)
         new = splice(graph, vg, x=x, y=reg.y, weight=w_lin, bias=b_node, prefix=path + ".", meta=meta)
-        for n in dict.fromkeys(inputs):  # the weight/bias nodes the variant does not read are bookkeeping
+        for n in reversed(inputs):  # the weight/bias nodes the variant does not read are bookkeeping
             if not n.users:
                 graph.erase_node(n)
+        read = [n for n in inputs if n.users]
         stack = reg.y.meta.get("nn_module_stack")
-        for n in _spliced(graph, path):
-            if stack is not None:  # spliced nodes belong to the site's module, like the region they extend
+        if stack is not None:  # spliced nodes belong to the site's module, like the region they extend
+            for n in [*read, *new]:
                 n.meta["nn_module_stack"] = stack.copy()
         out = next((n for n in new if any(u not in new for u in n.users)), reg.y)
         rec = GraphRecord(path, variant, reg.layout, base.base_class, ctx.d_in, ctx.d_out, original,
@@ -242,12 +257,13 @@ class GraphTxn(Txn):
                           x=x.name, y=reg.y.name, out=out.name)
         site = GraphSite(gm, rec, holder, graph)
 
-        def probe(x: torch.Tensor) -> torch.Tensor:
-            modes = [(m, m.training) for m in holder.modules()]  # the region module shares the holder
+        def probe(x_: torch.Tensor) -> torch.Tensor:
+            modes = [(m, m.training) for m in holder.modules()]  # the region shares the holder
             try:
+                root, g = _region([*read, *new], x, reg.y, out, holder, path)
                 with torch.no_grad():
-                    y = F.linear(x, linear_weight(holder.weight, rec.layout), holder.bias)
-                    return region_module(graph, holder, rec).eval()(x, y)
+                    y = F.linear(x_, linear_weight(holder.weight, rec.layout), holder.bias)
+                    return fx.Interpreter(root.eval(), graph=g).run(x_, y)  # no code generated for a probe
             finally:
                 for m, mode in modes:
                     m.training = mode
@@ -317,27 +333,27 @@ class GraphScope(Scope):
             for path, st in txn.staged.items():
                 _set(gm, path, st.site.holder)
                 st.site._graph = None  # from now on the site reads the GraphModule's graph
-            gm.graph = txn.graph
-            gm.graph.lint()
-            gm.recompile()
+            txn.graph.lint()
+            gm.graph = txn.graph  # the setter recompiles
             self._records.update(records)
         except BaseException:
             for path, rec in records.items():
                 self._records.pop(path, None)
                 _set(gm, path, rec.original)
             gm.graph = old
-            gm.recompile()
             raise
 
     def remove(self, paths, folded=None, untie=frozenset()) -> None:
         self._found = None
         gm, graph = self.model, self.model.graph
+        _unsplice(graph, [self._records[p] for p in paths])
+        fed: dict[str, list[GraphRecord]] = {}
+        for rec in self._records.values():
+            fed.setdefault(rec.x, []).append(rec)
         for path in paths:
             rec = self._records[path]
-            _unsplice(graph, rec)
-            for other in self._records.values():  # a site fed by this one now reads its base output
-                if other.x == rec.out:
-                    other.x = rec.y
+            for other in fed.get(rec.out, []):  # a site fed by this one now reads its base output
+                other.x = rec.y
         graph.lint()
         gm.recompile()
         for path in paths:
@@ -375,22 +391,20 @@ class GraphScope(Scope):
         gm, old = self.model, self.model.graph
         graph = copy.deepcopy(old)
         swapped = []
+        _unsplice(graph, list(self._records.values()))
         for path, rec in self._records.items():
-            _unsplice(graph, rec)
             if rec.replaced:
                 holder = gm.get_submodule(path)
                 swapped.append((holder, holder._parameters["weight"]))
                 holder._parameters["weight"] = nn.Parameter(holder.surgery_base_weight, requires_grad=False)
         graph.lint()
         gm.graph = graph
-        gm.recompile()
         try:
             yield
         finally:
             for holder, weight in swapped:
                 holder._parameters["weight"] = weight
             gm.graph = old
-            gm.recompile()
 
     @contextmanager
     def taps(self, paths: list[str], emit: Emit) -> Iterator[None]:
@@ -407,13 +421,11 @@ class GraphScope(Scope):
         old = gm.graph
         _EMIT[key] = emit
         gm.graph = graph
-        gm.recompile()
         try:
             yield
         finally:
             _EMIT.pop(key, None)
             gm.graph = old
-            gm.recompile()
 
     def get_flags(self):
         return _state(self.model).get("flags")

@@ -3,18 +3,23 @@ variant spliced in); the leaf itself is kept on the site's record and put back b
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Hashable
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 
 from ..errors import UnsupportedModuleError
-from ..site import Site, SiteRecord, adaptable, layout, stored_weight
-from ..splice import BASE_WEIGHT, SCALE, add_constants, add_gate, attach, new_scale, splice, trace_variant, tracer
+from ..site import COMPILED, Conv1D, Site, SiteRecord, adaptable, layout, stored_weight
+from ..splice import BASE_WEIGHT, SCALE, Traces, add_constants, add_gate, attach, new_scale, splice, tracer
 from ..variant import SiteInfo, SiteInit, Variant
 from .base import Base, Emit, Scope, Staged, Txn
 
+_PLAIN = tuple(c for c in (nn.Linear, Conv1D) if isinstance(c, type))
 _FLAGS = "_surgery_requires_grad"  # original requires_grad of every parameter, kept on the model while it has sites
 
 
@@ -23,9 +28,70 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def build_site(base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Site:
-    """Trace the leaf, splice ``variant`` into it, and return the Site (the model is not touched)."""
+@dataclass
+class _Template:
+    """A finished site graph (spliced, dead code gone) and its compiled forward, shared by a kind of site."""
+
+    graph: fx.Graph
+    code: tuple  # see Site.recompile
+    x: str
+    y: str
+    out: str
+
+
+@dataclass
+class Templates:
+    """What one rewrite (or load) builds once per kind of site: variant traces, then whole site graphs."""
+
+    traces: Traces = field(default_factory=Traces)
+    sites: dict[Hashable, _Template] = field(default_factory=dict)
+
+
+def build_site(base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor],
+               templates: Templates | None = None) -> Site:
+    """Splice ``variant`` into a trace of the leaf and return the Site (the model is not touched).
+
+    The first site of a kind is traced and compiled; later ones copy its graph and reuse its compiled
+    forward, so their generated code is the same text."""
+    templates = templates or Templates()
     leaf, lay = base.module, base.layout
+    root = nn.Module()
+    root.register_parameter("weight", leaf.weight)
+    root.register_parameter("bias", leaf.bias)  # None stays a parameter slot, as on the leaf
+    modules = attach(root, variant, tensors)
+    scale = new_scale(leaf.weight)
+    info = SiteInfo(path=base.path, d_in=ctx.d_in, d_out=ctx.d_out, layout=lay)
+    vg, key = templates.traces.get(variant, {**{n: getattr(root, n) for n in tensors}, SCALE: scale}, modules,
+                                   has_bias=leaf.bias is not None, site=info, cast=ctx.dtype != leaf.weight.dtype)
+    add_constants(root, vg)
+    root.register_buffer(SCALE, scale, persistent=False)
+    meta = {"site": base.path, "variant": variant.short()}
+    # a plain Linear / Conv1D traces the same for equal shapes; any other class may bake its own state in
+    kind = None if key is None else (type(leaf) if type(leaf) in _PLAIN else id(leaf), key)
+    tpl = templates.sites.get(kind) if kind is not None else None
+    if tpl is None:
+        site, tpl = _first_site(leaf, lay, root, vg, meta)
+        if kind is not None:
+            templates.sites[kind] = tpl
+    else:
+        graph = copy.deepcopy(tpl.graph)
+        for n in graph.nodes:
+            if "surgery" in n.meta:
+                n.meta["surgery"] = dict(meta)
+        graph.__dict__[COMPILED] = tpl.code
+        site = Site(root, graph, class_name=type(leaf).__name__)
+    for table in ("_parameters", "_buffers", "_modules"):  # what the graph does not read (a bias dead code dropped)
+        for name, value in getattr(root, table).items():
+            if name not in getattr(site, table):
+                getattr(site, table)[name] = value
+    site._non_persistent_buffers_set = set(root._non_persistent_buffers_set)  # constants, the strength
+    site.train(leaf.training)  # new modules (dropout) follow the mode of the model they join
+    site.__dict__["record"] = SiteRecord(base.path, variant, lay, type(leaf).__name__, ctx.d_in, ctx.d_out, leaf,
+                                         x=tpl.x, y=tpl.y, out=tpl.out)
+    return site
+
+
+def _first_site(leaf: nn.Module, lay: str, root: nn.Module, vg, meta: dict) -> tuple[Site, _Template]:
     graph = tracer().trace(leaf)  # a graph owned by no module yet
     x = next(n for n in graph.nodes if n.op == "placeholder")
     y = next(n for n in graph.nodes if n.op == "output").args[0]
@@ -34,38 +100,25 @@ def build_site(base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, t
     if lay == "conv1d":  # present W in (d_out, d_in) layout to the variant
         with graph.inserting_after(w):
             w = graph.call_method("t", (w,))
-
-    root = nn.Module()
-    root.weight = leaf.weight
-    root.bias = leaf.bias
-    modules = attach(root, variant, tensors)
-    scale = new_scale(leaf.weight)
-    info = SiteInfo(path=base.path, d_in=ctx.d_in, d_out=ctx.d_out, layout=lay)
-    vg = trace_variant(variant, {**{n: getattr(root, n) for n in tensors}, SCALE: scale}, modules,
-                       has_bias=leaf.bias is not None, site=info, cast=ctx.dtype != leaf.weight.dtype)
-    add_constants(root, vg)
-    splice(graph, vg, x=x, y=y, weight=w, bias=b if leaf.bias is not None else None, prefix="",
-           meta={"site": base.path, "variant": variant.short()})
-    root.register_buffer(SCALE, scale, persistent=False)
+    splice(graph, vg, x=x, y=y, weight=w, bias=b if leaf.bias is not None else None, prefix="", meta=meta)
     site = Site(root, graph, class_name=type(leaf).__name__)
-    add_constants(site, vg)  # GraphModule copied them as ordinary buffers: keep them out of state_dict
-    site.register_buffer(SCALE, scale, persistent=False)
-    if leaf.bias is None:
-        site.register_parameter("bias", None)
-    site.graph.eliminate_dead_code()  # e.g. the base op, when a variant recomputes it from x
+    site.graph.eliminate_dead_code()  # e.g. the base op, when a variant recomputes it from x (needs the module)
     site.graph.lint()
     site.recompile()
-    site.train(leaf.training)  # new modules (dropout) follow the mode of the model they join
     names = {n.name for n in site.graph.nodes}
     out = next(n for n in site.graph.nodes if n.op == "output").args[0]
-    site.__dict__["record"] = SiteRecord(base.path, variant, lay, type(leaf).__name__, ctx.d_in, ctx.d_out, leaf,
-                                         x=x.name, y=y.name if y.name in names else "", out=out.name)
-    return site
+    tpl = _Template(copy.deepcopy(site.graph), site.compiled(), x=x.name, y=y.name if y.name in names else "",
+                    out=out.name)
+    return site, tpl
 
 
 class ModuleTxn(Txn):
+    def __init__(self):
+        super().__init__()
+        self.templates = Templates()
+
     def stage(self, base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Staged:
-        site = build_site(base, variant, ctx, tensors)
+        site = build_site(base, variant, ctx, tensors, self.templates)
         new = None if ctx.new_weight is None else stored_weight(ctx.new_weight, base.layout).to(base.weight.dtype)
 
         def probe(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +126,7 @@ class ModuleTxn(Txn):
             site.eval()
             try:
                 with torch.no_grad():
-                    return functional_call(site, {} if new is None else {"weight": new}, (x,))
+                    return site(x) if new is None else functional_call(site, {"weight": new}, (x,))
             finally:
                 site.train(was)
 

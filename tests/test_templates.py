@@ -1,0 +1,154 @@
+"""A rewrite traces each kind of site once: sites that agree on shape, layout, bias, tensors and variant share
+one traced variant graph (and, in module scope, one compiled forward), and nothing a forward branches on is
+lost by the sharing."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+from adapters import IA3, LoRA
+from models import LLAMA, SCOPES, in_scope, rel_err
+from surgery import splice
+
+ALL7 = "*.{q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj}"
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """The paths at which a variant's forward was traced, in order."""
+    seen: list[str] = []
+    real = splice.trace_variant
+
+    def counted(variant, tensors, modules, has_bias, site, cast):
+        seen.append(site.info.path if hasattr(site, "info") else site.path)
+        return real(variant, tensors, modules, has_bias, site, cast)
+
+    monkeypatch.setattr(splice, "trace_variant", counted)
+    return seen
+
+
+def llama(scope: str) -> nn.Module:
+    model = LLAMA.model()
+    return in_scope(scope, model, **LLAMA.inputs())
+
+
+def code_of(site) -> str:
+    """A site's code without what names its place (graph scope names nodes and attributes by path)."""
+    code = re.sub(r"(gate|up|down|[qkvo])_proj", "P", site.code)
+    return re.sub(r"\d+", "#", re.sub(r"(_\d+)+\b", "", code))
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_one_trace_per_kind_of_site(scope, traces):
+    model = llama(scope)
+    surgery.rewrite(model, LoRA(r=4), ALL7)
+    sites = surgery.sites(model)
+    shapes = {(s.d_in, s.d_out) for s in sites.values()}
+    assert len(sites) == 14 and len(shapes) == 4  # q/o, k/v, gate/up, down
+    assert len(traces) == len(shapes), traces
+    by_shape: dict[tuple[int, int], set[str]] = {}
+    for s in sites.values():
+        by_shape.setdefault((s.d_in, s.d_out), set()).add(code_of(s))
+    assert all(len(codes) == 1 for codes in by_shape.values()), by_shape
+    # every site holds its own tensors (nothing shared but the code)
+    ids = [id(t) for s in sites.values() for t in s.adapter_tensors().values()]
+    assert len(ids) == len(set(ids)) == 28
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_second_rewrite_and_a_load_trace_again(scope, traces, tmp_path):
+    model = llama(scope)
+    surgery.rewrite(model, LoRA(r=4), "*.{k_proj,v_proj}")
+    surgery.save(model, tmp_path / "a.safetensors")
+    fresh = llama(scope)
+    surgery.load(fresh, tmp_path / "a.safetensors")
+    assert len(traces) == 2, "one kind per call: the rewrite, then the load"
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_ia3_shares_a_trace_per_side(scope, traces):
+    """IA3's forward branches on the path (input side for feed-forward outputs): its trace_key keeps the
+    sides apart, so a layer whose shape matches the other side still gets its own branch."""
+    model = llama(scope)
+    x = LLAMA.inputs()
+    base = model(**x).logits
+    variant = IA3(feedforward=("down_proj", "o_proj"))  # o_proj has q_proj's shape: same kind, other side
+    surgery.rewrite(model, variant, "*.{q_proj,o_proj,down_proj}")
+    sites = surgery.sites(model)
+    assert len(traces) == 3, traces  # q (output side), o (input side), down (input side, another shape)
+    q, o = sites["model.layers.0.self_attn.q_proj"], sites["model.layers.0.self_attn.o_proj"]
+    assert (q.d_in, q.d_out) == (o.d_in, o.d_out) and code_of(q) != code_of(o)
+    with torch.no_grad():
+        for s in sites.values():
+            s.ia3_l.mul_(1.5)
+    out = model(**x).logits
+    assert rel_err(out, base) > 1e-2
+    merged = surgery.merge(model)
+    assert rel_err(merged(**x).logits, out) < 1e-5, "each side traced its own branch: merge agrees with forward"
+
+
+@dataclass(frozen=True)
+class DoublesKeys(LoRA):
+    """Reads the path in forward without a trace_key: every such site must be traced on its own."""
+
+    def forward(self, x, y, weight, bias, t):
+        out = super().forward(x, y, weight, bias, t)
+        return y + 2 * (out - y) if t.site.path.endswith("k_proj") else out
+
+    def fold(self, weight, bias, t):
+        W, b = super().fold(weight, bias, t)
+        return (weight + 2 * (W - weight) if t.site.path.endswith("k_proj") else W), b
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_forward_that_reads_the_path_is_traced_per_site(scope, traces):
+    model = llama(scope)
+    x = LLAMA.inputs()
+    surgery.rewrite(model, DoublesKeys(r=4), "*.{k_proj,v_proj}")  # k and v have one shape
+    assert len(traces) == 4, traces
+    sites = surgery.sites(model)
+    k, v = sites["model.layers.0.self_attn.k_proj"], sites["model.layers.0.self_attn.v_proj"]
+    assert code_of(k) != code_of(v)
+    with torch.no_grad():
+        for s in sites.values():
+            s.lora_B.normal_()
+    out = model(**x).logits
+    assert rel_err(surgery.merge(model)(**x).logits, out) < 1e-5
+
+
+@dataclass(frozen=True)
+class Tagged(LoRA):
+    tags: list = None  # unhashable: the kind of a site cannot be told, so nothing is shared
+
+
+def test_an_unhashable_variant_is_traced_per_site(traces):
+    model = LLAMA.model()
+    surgery.rewrite(model, Tagged(r=4, tags=["a"]), "*.{k_proj,v_proj}")
+    assert len(traces) == 4
+
+
+class Times(nn.Linear):
+    """A Linear subclass whose forward bakes a Python number into its trace."""
+
+    def __init__(self, k: float):
+        super().__init__(8, 8)
+        self.k = k
+
+    def forward(self, x):
+        return super().forward(x) * self.k
+
+
+def test_a_linear_subclass_is_traced_per_module():
+    """Times(1.0) computes a plain linear map, Times(3.0) does not: reusing the first one's trace for the
+    second would make its site a plain linear map that passes the identity probe, a silent wrong result."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Times(1.0), Times(3.0))
+    with pytest.raises(surgery.errors.IdentityError, match=" at 1 "):
+        surgery.rewrite(model, LoRA(r=2), "*")
+    assert type(model[0]) is Times and type(model[1]) is Times
