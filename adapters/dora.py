@@ -69,5 +69,5 @@ class DoRA(LoRA):
         return torch.addcmul(bias, y - bias + lora, g)  # (..., d_out): b + g * (W x + s B A x)
 
     def fold(self, weight, bias, t):
-        V = weight + self.scale * (t.lora_B @ t.lora_A)  # (d_out, d_in)
+        V = torch.addmm(weight, t.lora_B, t.lora_A, alpha=self.scale)  # (d_out, d_in)
         return (t.lora_magnitude_vector / V.norm(dim=1)).unsqueeze(1) * V, bias

@@ -61,4 +61,4 @@ class LoRA(Variant):
         return torch.add(y, F.linear(F.linear(h, t.lora_A), t.lora_B), alpha=self.scale)  # (..., d_out)
 
     def fold(self, weight, bias, t):
-        return weight + self.scale * (t.lora_B @ t.lora_A), bias
+        return torch.addmm(weight, t.lora_B, t.lora_A, alpha=self.scale), bias  # one pass, one new buffer

@@ -325,14 +325,14 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
     sites = all_sites(scope)
     require_unsharded(scope, sites, "merge")
     owners = _owners(scope.model)
-    folded, untie = {}, {}
+    untie = {}
     for path, site in (progress or iter)(sites.items()):
         if site.weight.device.type == "meta":
             raise MetaDeviceError(
                 f"cannot merge {path}: its weights are on the meta device (shapes only, no values), so there is "
                 "nothing to fold. Load real weights (e.g. model.to_empty(device='cpu') and load a checkpoint) first."
             )
-        W, b = folded[path] = _fold_checked(scope, site)
+        _fold_checked(scope, site)  # checked, then dropped: holding every W' at once would double the model
         tied = [n for n in owners.get(id(site.weight), []) if n != f"{path}.weight"]
         if tied:
             untie[path] = tied
@@ -342,8 +342,9 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
             f"adapter does not change {tied[0]}. config.tie_word_embeddings is set to False where present.",
             stacklevel=2,
         )
-    # every site was folded and checked before any weight is written, so a bad fold cannot half-merge
-    scope.remove(list(sites), folded, frozenset(untie))
+    # every site was folded and checked before any weight is written, so a bad fold cannot half-merge; each is
+    # folded again as it is written (the same ops on the same tensors), so only one W' is alive at a time
+    scope.remove(list(sites), lambda path: sites[path].fold(), frozenset(untie))
     hf.detach(scope.model)
     if untie:
         _untie_config(scope.model)
@@ -372,14 +373,22 @@ def _fold_checked(scope: Scope, site: SiteAPI) -> tuple[torch.Tensor, torch.Tens
             f"({site.d_out}, {site.d_in}) and ({site.d_out},). This is a bug in the variant; the {scope.noun} was "
             "left unchanged."
         )
-    bad = [n for n, t in (("weight", W), ("bias", b)) if t is not None and not torch.isfinite(t).all()]
-    bad += [n for n, t in site.adapter_tensors().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [n for n, t in (("weight", W), ("bias", b)) if t is not None and not _finite(t)]
+    bad += [n for n, t in site.adapter_tensors().items() if t.is_floating_point() and not _finite(t)]
     if bad:
         raise NonFiniteError(
             f"cannot merge {path}: NaN or Inf in {', '.join(sorted(set(bad)))} ({v.short()}). The {scope.noun} was "
             f"left unchanged; check the learning rate or the loss, or surgery.restore({_arg(scope)})."
         )
     return W, b
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: its min and max (NaN propagates through both) in one pass, no mask allocated."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def require_unsharded(scope: Scope, sites: dict[str, SiteAPI], verb: str) -> None:

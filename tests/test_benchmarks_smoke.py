@@ -15,7 +15,7 @@ def run_script(name: str, tmp_path, *extra: str) -> tuple[str, dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     res = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--quick", "--out", str(out), *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, f"{name}.py --quick failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res.stdout, json.loads(out.read_text())
@@ -66,3 +66,16 @@ def test_quality_quick_has_a_row_per_variant(tmp_path):
         r = by_name[spec.name]
         assert 0.0 <= r["ours_acc"] <= 1.0 and r["ours_params"] > 0
         assert ("peft_acc" in r) == (spec.peft is not None), f"{spec.name}: PEFT column present iff it has a peer"
+
+
+def test_scale_quick_has_every_cost_per_variant(tmp_path):
+    stdout, data = run_script("scale", tmp_path, "--variants", "lora,ia3,eva", "--growth", "1,2")
+    rows = table_rows(stdout)
+    assert {"LoRA", "IA3", "EVA"} <= set(rows), stdout
+    assert [r["variant"] for r in data["table"]] == ["LoRA", "EVA", "IA3"]
+    for r in data["table"]:
+        for cost in ("apply", "save", "load", "merge"):
+            median = float(r[cost].split()[0])
+            assert median > 0, (r["variant"], cost, r[cost])
+    assert [(g["variant"], g["sites"]) for g in data["growth"]] == [(v, n) for v in ("LoRA", "EVA", "IA3")
+                                                                     for n in (7, 14)]

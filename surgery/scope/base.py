@@ -108,9 +108,10 @@ class Scope:
         """Put every staged site in; on failure, leave the model as it was and raise."""
         raise NotImplementedError
 
-    def remove(self, paths: list[str], folded: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    def remove(self, paths: list[str], folded: Callable[[str], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
                untie: frozenset[str] = frozenset()) -> None:
-        """Take sites out: the original modules back, or (``folded``) modules holding W', b' (nn.Linear layout).
+        """Take sites out: the original modules back, or modules holding W', b' (nn.Linear layout), which
+        ``folded(path)`` computes as each site is written, so that one W' at a time is alive.
 
         A path in ``untie`` gets its folded weight as a new Parameter (its old one is shared with another module).
         """

@@ -364,7 +364,7 @@ class GraphScope(Scope):
                 with torch.no_grad():  # the model was cast or moved since the rewrite: the original follows
                     rec.original.weight.data = kept
             if folded is not None:  # new Parameters: the originals are shared with the eager model
-                W, b = folded[path]
+                W, b = folded(path)
                 module = _holder(rec.original)
                 module.weight = nn.Parameter(stored_weight(W, rec.layout).to(rec.original.weight.dtype).contiguous())
                 if b is not None:

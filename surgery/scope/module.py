@@ -202,7 +202,7 @@ class ModuleScope(Scope):
             leaf.weight, leaf.bias = site.weight, site.bias
             with torch.no_grad():
                 if folded is not None:
-                    W, b = folded[path]
+                    W, b = folded(path)
                     w = stored_weight(W, site.layout).to(leaf.weight.dtype)
                     if path in untie:
                         leaf.weight = nn.Parameter(w.contiguous(), requires_grad=leaf.weight.requires_grad)

@@ -1,0 +1,239 @@
+"""The fixed costs around training, ours against PEFT's, on a model of a real size.
+
+    .venv/bin/python benchmarks/scale.py --size tiny                      # smoke (seconds)
+    .venv/bin/python benchmarks/scale.py --size 0.6b --layers 8           # Qwen3-0.6B's shape, 8 layers
+    .venv/bin/python benchmarks/scale.py --size 0.6b --growth 2,8,28 --variants lora
+
+For each variant, both sides run interleaved in one process (ours first on even reps, PEFT first on odd
+ones) on copies of one random base, all seven projections of every layer: apply (``surgery.rewrite`` vs
+``get_peft_model``; PiSSA's SVD and EVA's calibration included), save, load onto a fresh copy of the base
+(``surgery.load`` vs ``PeftModel.from_pretrained``), merge (``surgery.merge`` vs ``merge_and_unload``), the
+file size, and the peak memory of apply and merge above the level before the call. A ratio is the median of
+the per-rep ratios ours / PEFT, with quartiles. ``--growth`` adds the apply cost per site as the number of
+layers grows. Training steps are ``benchmarks/speed.py``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from common import ALL7, WHERE, Knobs, PeakMemory, markdown, med, mib, ratio_stats  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+SIZES = {  # Qwen3-0.6B: hidden 1024, intermediate 3072, 16 heads of 128, 8 KV heads, vocab 151,936, tied head
+    "tiny": dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=128, layers=2, reps=2),
+    "0.6b": dict(hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128, vocab=151936, layers=8, reps=5),
+}
+DEFAULT = "lora,dora,pissa,hra,ia3,eva"
+
+
+def base_model(sz: dict, layers: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=sz["vocab"], hidden_size=sz["hidden"], intermediate_size=sz["intermediate"],
+                      num_hidden_layers=layers, num_attention_heads=sz["heads"], num_key_value_heads=sz["kv_heads"],
+                      head_dim=sz["head_dim"], max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def calibration(sz: dict) -> list[dict[str, torch.Tensor]]:
+    """EVA's calibration: 4 batches of 2 x 128 tokens (2 x 16 at the tiny size)."""
+    seq = 16 if sz["vocab"] < 1000 else 128
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(4):
+        ids = torch.randint(0, sz["vocab"], (2, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+class Side:
+    """One library's verbs on one variant."""
+
+    def __init__(self, name: str, spec, knobs: Knobs, calib):
+        self.name, self.spec, self.knobs, self.calib = name, spec, knobs, calib
+
+    def apply(self, model):
+        if self.name == "ours":
+            import surgery
+
+            surgery.rewrite(model, common.our_variant(self.spec, self.knobs), WHERE,
+                            calibration=self.calib if self.spec.calibrate else None)
+            return model
+        from peft import get_peft_model
+
+        peft = get_peft_model(model, self.spec.peft(self.knobs, ALL7))
+        if self.spec.calibrate:
+            from peft import initialize_lora_eva_weights
+
+            initialize_lora_eva_weights(peft, dataloader=self.calib, show_progress_bar=False)
+        return peft
+
+    def save(self, model, where: str) -> int:
+        if self.name == "ours":
+            import surgery
+
+            path = os.path.join(where, "adapter.safetensors")
+            surgery.save(model, path)
+            return os.path.getsize(path)
+        model.save_pretrained(where)
+        return sum(os.path.getsize(os.path.join(where, f)) for f in os.listdir(where) if f.endswith(".safetensors"))
+
+    def load(self, model, where: str):
+        if self.name == "ours":
+            import surgery
+
+            return surgery.load(model, os.path.join(where, "adapter.safetensors"))
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, where)
+
+    def merge(self, model):
+        if self.name == "ours":
+            import surgery
+
+            return surgery.merge(model)
+        return model.merge_and_unload()
+
+
+def one_rep(side: Side, base, mem: PeakMemory) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as where:
+        model = copy.deepcopy(base)
+        box = {}
+        t = time.perf_counter()
+        out["apply_mem"] = mem.measure(lambda: box.setdefault("m", side.apply(model)))
+        out["apply"] = time.perf_counter() - t
+        adapted = box.pop("m")
+        t = time.perf_counter()
+        out["file"] = side.save(adapted, where)
+        out["save"] = time.perf_counter() - t
+        t = time.perf_counter()
+        out["merge_mem"] = mem.measure(lambda: side.merge(adapted))
+        out["merge"] = time.perf_counter() - t
+        del model, adapted
+        gc.collect()
+        fresh = copy.deepcopy(base)
+        t = time.perf_counter()
+        side.load(fresh, where)
+        out["load"] = time.perf_counter() - t
+        del fresh
+        gc.collect()
+    return out
+
+
+COSTS = ("apply", "save", "load", "merge")
+
+
+def bench_variant(spec, base, knobs: Knobs, calib, reps: int, mem: PeakMemory) -> dict:
+    sides = [Side("ours", spec, knobs, calib), Side("peft", spec, knobs, calib)]
+    runs: dict[str, list[dict]] = {"ours": [], "peft": []}
+    one_rep(sides[0], base, mem)  # warm-up: imports, first-call costs
+    one_rep(sides[1], base, mem)
+    for i in range(reps):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            runs[side.name].append(one_rep(side, base, mem))
+    row: dict = {"variant": spec.name}
+    for cost in COSTS:
+        r = ratio_stats([x[cost] for x in runs["ours"]], [x[cost] for x in runs["peft"]])
+        row[cost] = f"{r['median']:.2f} [{r['q1']:.2f}, {r['q3']:.2f}]"
+        row[f"{cost}_s"] = f"{med([x[cost] for x in runs['ours']]):.3f} / {med([x[cost] for x in runs['peft']]):.3f}"
+    for cost in ("apply_mem", "merge_mem"):
+        row[cost] = f"{mib(med([x[cost] for x in runs['ours']])):.0f} / {mib(med([x[cost] for x in runs['peft']])):.0f}"
+    row["file"] = f"{runs['ours'][0]['file'] / runs['peft'][0]['file']:.2f}"
+    return row
+
+
+def growth(spec, sz: dict, layer_counts: list[int], knobs: Knobs, calib, reps: int) -> list[dict]:
+    """Apply cost per site (ms) as layers grow, ours and PEFT's."""
+    rows = []
+    for n in layer_counts:
+        base = base_model(sz, n)
+        sides = [Side("ours", spec, knobs, calib), Side("peft", spec, knobs, calib)]
+        times: dict[str, list[float]] = {"ours": [], "peft": []}
+        for i in range(reps + 1):
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                model = copy.deepcopy(base)
+                t = time.perf_counter()
+                side.apply(model)
+                if i:  # the first round warms up
+                    times[side.name].append(time.perf_counter() - t)
+                del model
+                gc.collect()
+        sites = 7 * n
+        rows.append({"variant": spec.name, "layers": n, "sites": sites,
+                     "ours_ms_per_site": round(1000 * med(times["ours"]) / sites, 2),
+                     "peft_ms_per_site": round(1000 * med(times["peft"]) / sites, 2),
+                     "ratio": round(med(times["ours"]) / med(times["peft"]), 2)})
+        del base
+        gc.collect()
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--quick", action="store_true", help="the tiny size (what the smoke test runs)")
+    ap.add_argument("--out", help="also write the tables as JSON here")
+    ap.add_argument("--layers", type=int, help="layers of the model for the ratio table (default: the size's)")
+    ap.add_argument("--reps", type=int, help="interleaved repetitions per variant (default: the size's)")
+    ap.add_argument("--variants", default=DEFAULT, help=f"comma list (default {DEFAULT})")
+    ap.add_argument("--growth", default="", help="comma list of layer counts for the per-site apply cost")
+    ap.add_argument("--skip-table", action="store_true", help="only the growth lines")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size = "tiny"
+    sz = SIZES[args.size]
+    result: dict = {"size": args.size, "machine": common.machine(torch.device("cpu")), "table": [], "growth": []}
+    reps = args.reps or sz["reps"]
+    knobs = Knobs(r=16 if args.size != "tiny" else 4, alpha=32.0)
+    specs = [s for s in common.available(args.variants) if s.peft is not None]
+    mem = PeakMemory(torch.device("cpu"))
+    print(f"# scale benchmark: size {args.size}, {reps} reps, {common.machine(torch.device('cpu'))}", flush=True)
+    if not args.skip_table:
+        layers = args.layers or sz["layers"]
+        base = base_model(sz, layers)
+        n = sum(p.numel() for p in base.parameters())
+        print(f"\n## ours / PEFT at {layers} layers ({n / 1e6:.0f}M parameters, {7 * layers} sites), "
+              "median [quartiles]; seconds and MiB as ours / PEFT\n", flush=True)
+        calib = calibration(sz)
+        rows = []
+        for spec in specs:
+            rows.append(bench_variant(spec, base, knobs, calib, reps, mem))
+            print(f"  {spec.name} done", file=sys.stderr, flush=True)
+        cols = [("variant", "variant")] + [(c, c) for c in COSTS] + [(f"{c}_s", f"{c} s") for c in COSTS]
+        cols += [("apply_mem", "apply peak MiB"), ("merge_mem", "merge peak MiB"), ("file", "file size")]
+        print(markdown(rows, cols), flush=True)
+        result["table"], result["layers"] = rows, layers
+        del base
+        gc.collect()
+    if args.growth:
+        counts = [int(x) for x in args.growth.split(",")]
+        print("\n## apply cost per site as layers grow\n", flush=True)
+        rows = []
+        for spec in specs:
+            rows += growth(spec, sz, counts, knobs, calibration(sz), reps=max(1, reps // 2))
+        print(markdown(rows, [(k, k) for k in ("variant", "layers", "sites", "ours_ms_per_site", "peft_ms_per_site",
+                                               "ratio")]), flush=True)
+        result["growth"] = rows
+    if args.out:
+        common.write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
