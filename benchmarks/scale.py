@@ -111,28 +111,31 @@ class Side:
         return model.merge_and_unload()
 
 
+def timed(fn, mem: PeakMemory | None = None) -> tuple[float, int, object]:
+    """Seconds of ``fn()`` alone, the peak bytes above the start while it ran (when ``mem``), its result."""
+    box: dict = {}
+
+    def run():
+        t = time.perf_counter()
+        box["out"] = fn()
+        box["s"] = time.perf_counter() - t
+
+    peak = mem.measure(run) if mem is not None else run() or 0
+    return box["s"], peak, box["out"]
+
+
 def one_rep(side: Side, base, mem: PeakMemory) -> dict[str, float]:
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as where:
         model = copy.deepcopy(base)
-        box = {}
-        t = time.perf_counter()
-        out["apply_mem"] = mem.measure(lambda: box.setdefault("m", side.apply(model)))
-        out["apply"] = time.perf_counter() - t
-        adapted = box.pop("m")
-        t = time.perf_counter()
-        out["file"] = side.save(adapted, where)
-        out["save"] = time.perf_counter() - t
-        t = time.perf_counter()
-        out["merge_mem"] = mem.measure(lambda: side.merge(adapted))
-        out["merge"] = time.perf_counter() - t
-        del model, adapted
+        out["apply"], out["apply_mem"], model = timed(lambda: side.apply(model), mem)
+        out["save"], _, out["file"] = timed(lambda: side.save(model, where))
+        out["merge"], out["merge_mem"], _ = timed(lambda: side.merge(model), mem)
+        model = None
         gc.collect()
         fresh = copy.deepcopy(base)
-        t = time.perf_counter()
-        side.load(fresh, where)
-        out["load"] = time.perf_counter() - t
-        del fresh
+        out["load"], _, _ = timed(lambda: side.load(fresh, where))
+        fresh = None
         gc.collect()
     return out
 
