@@ -224,13 +224,14 @@ def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit) -> 
     w = base.weight
     x = torch.randn(3, ctx.d_in, dtype=w.dtype, device=w.device)
     with torch.no_grad():
-        ref = torch.nn.functional.linear(x, linear_weight(w, base.layout), base.bias)
+        got, ref = staged.probe(x)
+        if ref is None:
+            ref = torch.nn.functional.linear(x, linear_weight(w, base.layout), base.bias)
         if not torch.isfinite(ref).all():  # not the variant's fault: say so instead of blaming its init
             raise NonFiniteError(
                 f"the base weight or bias of {base.path} holds NaN or Inf, so no adapter there can start as the "
                 f"identity. Fix or reload the base checkpoint; the {scope.noun} was left unchanged."
             )
-        got = staged.probe(x)
     require_identity(staged.site.variant, base.path, got, ref, scope.noun)
 
 

@@ -152,3 +152,27 @@ def test_a_linear_subclass_is_traced_per_module():
     with pytest.raises(surgery.errors.IdentityError, match=" at 1 "):
         surgery.rewrite(model, LoRA(r=2), "*")
     assert type(model[0]) is Times and type(model[1]) is Times
+
+
+@dataclass(frozen=True)
+class WritesY(LoRA):
+    """A broken init behind a forward that adds in place to y: the identity probe takes its reference from the
+    base output the site computes on the way, and must not take it once the forward has written to it."""
+
+    def init(self, site):
+        t = super().init(site)
+        t["lora_B"] = torch.ones_like(t["lora_B"])
+        return t
+
+    def forward(self, x, y, weight, bias, t):
+        return y.add_(torch.nn.functional.linear(torch.nn.functional.linear(x, t.lora_A), t.lora_B))
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_the_identity_probe_is_not_fooled_by_an_in_place_forward(scope):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    model = in_scope(scope, nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), x)
+    with pytest.raises(surgery.errors.IdentityError, match="WritesY"):
+        surgery.rewrite(model, WritesY(r=2), "*")
+    assert not surgery.sites(model)

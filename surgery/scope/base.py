@@ -51,8 +51,16 @@ class Staged:
     """One built site, not yet in the model."""
 
     site: SiteAPI
-    probe: Callable[[torch.Tensor], torch.Tensor]  # (N, d_in) -> adapted output in eval mode
+    # (N, d_in) -> (adapted output in eval mode, the base output computed on the way, or None where the site
+    # never computes it from the original weight): the probe then reads each weight once instead of twice
+    probe: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
     new_weight: torch.Tensor | None = None  # replacement base weight (storage layout), if the variant asked
+
+
+def unmodified(y: torch.Tensor | None) -> torch.Tensor | None:
+    """``y`` if nothing wrote to it in place since it was computed (a forward's ``y.add_(...)`` would make it
+    equal the adapted output and hide a broken init), else None."""
+    return y if y is not None and y._version == 0 else None
 
 
 class Txn:

@@ -37,7 +37,7 @@ from ..site import SiteAPI, SiteRecord, layout_of_class, linear_weight, stored_w
 from ..splice import BASE_WEIGHT, SCALE, Traces, add_constants, add_gate, attach, new_scale, splice
 from ..capture import module_path, route
 from ..variant import SiteInfo, SiteInit, Variant
-from .base import Base, Emit, Scope, Staged, Txn
+from .base import Base, Emit, Scope, Staged, Txn, unmodified
 
 _aten = torch.ops.aten
 
@@ -257,13 +257,14 @@ class GraphTxn(Txn):
                           x=x.name, y=reg.y.name, out=out.name)
         site = GraphSite(gm, rec, holder, graph)
 
-        def probe(x_: torch.Tensor) -> torch.Tensor:
+        def probe(x_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             modes = [(m, m.training) for m in holder.modules()]  # the region shares the holder
             try:
                 root, g = _region([*read, *new], x, reg.y, out, holder, path)
                 with torch.no_grad():
                     y = F.linear(x_, linear_weight(holder.weight, rec.layout), holder.bias)
-                    return fx.Interpreter(root.eval(), graph=g).run(x_, y)  # no code generated for a probe
+                    got = fx.Interpreter(root.eval(), graph=g).run(x_, y)  # no code generated for a probe
+                    return got, (None if rec.replaced else unmodified(y))
             finally:
                 for m, mode in modes:
                     m.training = mode
