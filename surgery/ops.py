@@ -222,7 +222,9 @@ def _check_init(variant: Variant, path: str, ctx: SiteInit, tensors: Any) -> Non
 def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit) -> None:
     """The staged site on random rows against the original base output."""
     w = base.weight
-    x = torch.randn(3, ctx.d_in, dtype=w.dtype, device=w.device)
+    # one random row: a nonzero change of the output shows on it almost surely, and a single row runs as a
+    # matrix-vector product, about three times cheaper than a few rows on a large weight
+    x = torch.randn(1, ctx.d_in, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         got, ref = staged.probe(x)
         if ref is None:
@@ -237,6 +239,12 @@ def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit) -> 
 
 def require_identity(variant: Variant, path: str, got: torch.Tensor, ref: torch.Tensor, owner: str) -> None:
     """Raise IdentityError unless ``got`` equals the base output ``ref`` within the variant's promise."""
+    if got.shape != ref.shape:  # a difference could broadcast to zero
+        raise VariantContractError(
+            f"{variant.short()}.forward at {path} returned shape {tuple(got.shape)} where the base output has shape "
+            f"{tuple(ref.shape)}; a forward must return the shape of y. This is a bug in the variant; the {owner} "
+            "was left unchanged."
+        )
     scale = ref.abs().max().clamp_min(1e-12)
     err = ((got.to(ref.dtype) - ref).abs().max() / scale).item()
     tol = max(variant.identity_tol, 16 * torch.finfo(ref.dtype).eps)

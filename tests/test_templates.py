@@ -176,3 +176,21 @@ def test_the_identity_probe_is_not_fooled_by_an_in_place_forward(scope):
     with pytest.raises(surgery.errors.IdentityError, match="WritesY"):
         surgery.rewrite(model, WritesY(r=2), "*")
     assert not surgery.sites(model)
+
+
+@dataclass(frozen=True)
+class Flattens(LoRA):
+    """Returns y flattened: on the probe's one row, (d_out,) against (1, d_out) would broadcast to no difference."""
+
+    def forward(self, x, y, weight, bias, t):
+        return super().forward(x, y, weight, bias, t).flatten()
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_the_identity_probe_checks_the_shape(scope):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    model = in_scope(scope, nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), x)
+    with pytest.raises(surgery.errors.VariantContractError, match=r"returned shape \(8,\) where the base output"):
+        surgery.rewrite(model, Flattens(r=2), "*")
+    assert not surgery.sites(model)
