@@ -17,7 +17,7 @@ from ..errors import UnsupportedModuleError
 from ..site import COMPILED, Conv1D, Site, SiteRecord, adaptable, layout, stored_weight
 from ..splice import BASE_WEIGHT, SCALE, Traces, add_constants, add_gate, attach, new_scale, splice, tracer
 from ..variant import SiteInfo, SiteInit, Variant
-from .base import Base, Emit, Scope, Staged, Txn, unmodified
+from .base import Base, Emit, Scope, Staged, Txn
 
 _PLAIN = tuple(c for c in (nn.Linear, Conv1D) if isinstance(c, type))
 _FLAGS = "_surgery_requires_grad"  # original requires_grad of every parameter, kept on the model while it has sites
@@ -121,19 +121,12 @@ class ModuleTxn(Txn):
         site = build_site(base, variant, ctx, tensors, self.templates)
         new = None if ctx.new_weight is None else stored_weight(ctx.new_weight, base.layout).to(base.weight.dtype)
 
-        def probe(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def probe(x: torch.Tensor) -> tuple[torch.Tensor, None]:
             was = site.training
             site.eval()
             try:
                 with torch.no_grad():
-                    if new is not None:
-                        return functional_call(site, {"weight": new}, (x,)), None
-                    run = fx.Interpreter(site, garbage_collect_values=False)  # keeps the base output y
-                    got = run.run(x)
-                    if not site.record.y or type(site.base) not in _PLAIN:  # another forward may not be x W^T + b
-                        return got, None
-                    y = next(v for n, v in run.env.items() if n.name == site.record.y)
-                    return got, unmodified(y)
+                    return (site(x) if new is None else functional_call(site, {"weight": new}, (x,))), None
             finally:
                 site.train(was)
 
