@@ -3,7 +3,8 @@
     python examples/diff_dora.py [OUT_DIR]      # default ./out
 
 Builds a 2-layer Llama from a config (no download), splices DoRA(r=8) into every k_proj, and writes
-OUT_DIR/diff.txt, diff.svg, diff.html and diff.png (the last through Graphviz's `dot -Tpng`).
+OUT_DIR/diff.txt, map.svg (the whole model, layers drawn once with a count), diff.svg, diff.html and
+diff.png (the last through Graphviz's `dot -Tpng`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(out: Path) -> None:
     d = surgery.diff(before, model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diff.txt").write_text(str(d) + "\n", encoding="utf-8")
+    d.map_svg(out / "map.svg")  # plain SVG: needs no Graphviz
     print(d)
     if shutil.which("dot") is None:
         print("Graphviz's `dot` is not installed (apt-get install graphviz): wrote the text diff only.")
@@ -42,7 +44,7 @@ def main(out: Path) -> None:
     d.to_html(out / "diff.html")
     png = subprocess.run(["dot", "-Tpng", "-Gdpi=80"], input=svg_source(d), capture_output=True, check=True).stdout
     (out / "diff.png").write_bytes(png)
-    print(f"wrote {out}/diff.txt, diff.svg ({len(svg) // 1024} KB), diff.html, diff.png; "
+    print(f"wrote {out}/diff.txt, map.svg, diff.svg ({len(svg) // 1024} KB), diff.html, diff.png; "
           f"open {out / 'diff.html'} in a browser")
 
 

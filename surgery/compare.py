@@ -91,6 +91,9 @@ class Diff:
     scope: str  # "module", "graph", or "checkpoint" (two checkpoint directories: weights only)
     groups: dict[str, Group]
     weights: list[WeightChange] = field(default_factory=list)  # tensors whose values differ (surgery/weights.py)
+    # (path, class) of every module of the after side, sites as their base class; "" is the root. Empty for two
+    # checkpoints, whose map is built from the tensor names
+    modules: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def added(self) -> list[NodeChange]:
@@ -155,6 +158,18 @@ class Diff:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+    def map_svg(self, path=None) -> str:
+        """The whole model as a map (surgery/modelmap.py): its module tree with repeated blocks drawn once
+        with a count, sites and weight changes marked; writes ``path`` if given and returns the SVG text."""
+        from .modelmap import svg
+
+        text = svg(self, title=str(self).splitlines()[0])
+        if path is not None:
+            from pathlib import Path
+
+            Path(path).write_text(text, encoding="utf-8")
+        return text
 
     def to_svg(self, path=None, *, context: int = 2) -> str:
         """Draw the diff with Graphviz; writes ``path`` if given and returns the SVG text."""
@@ -342,7 +357,7 @@ def _module_diff(before: nn.Module, after: nn.Module) -> Diff:
             g.changes = compare(g.before_graph, g.after_graph, b, a, lambda n, side, p=path: p)
         if g.changes or g.class_change:
             groups[path] = g
-    return Diff("module", groups, weight_changes(of_model(before), of_model(after)))
+    return Diff("module", groups, weight_changes(of_model(before), of_model(after)), module_list(after))
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -395,7 +410,7 @@ def _graph_diff(before: fx.GraphModule, after: fx.GraphModule, hops: int = 2) ->
         # the code of a region of a big graph: the lines of the changed nodes and their neighbours
         g.before_code = "\n".join(node_line(n) for n in before.graph.nodes if n.name in shown) + "\n"
         g.after_code = "\n".join(node_line(n) for n in after.graph.nodes if n.name in shown) + "\n"
-    return Diff("graph", groups, weight_changes(of_model(before), of_model(after)))
+    return Diff("graph", groups, weight_changes(of_model(before), of_model(after)), module_list(after))
 
 
 def diff(before: nn.Module, after: nn.Module) -> Diff:
@@ -416,6 +431,17 @@ def diff(before: nn.Module, after: nn.Module) -> Diff:
     if all(whole):
         return _graph_diff(before, after)
     return _module_diff(before, after)
+
+
+def module_list(model: nn.Module) -> list[tuple[str, str]]:
+    """(path, class name) of a model's modules as the user sees them: a site as the class it adapts, a
+    GraphModule from surgery.trace as the modules that were traced."""
+    if isinstance(model, fx.GraphModule) and not isinstance(model, Site) and "surgery" in model.meta:
+        return [(p, type(m).__name__) for p, m in model.meta["surgery"]["modules"].items()]
+    out = [("", type(model).__name__)]
+    for p, m in ModuleScope(model).candidates().items():
+        out.append((p, m.base_class if isinstance(m, Site) else type(m).__name__))
+    return out
 
 
 def unified(before: str, after: str, n: int = 3) -> list[tuple[str, str, str]]:

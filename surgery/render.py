@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .compare import ADDED, CHANGED, REMOVED, Diff, Group, context, node_line, unified
 from .errors import RenderError
+from .modelmap import svg as map_svg
 from .weights import HEAD
 
 # fill, border: green added, red removed, amber changed, grey context
@@ -197,6 +198,7 @@ def to_html(diff: Diff, path=None, *, context: int = 2) -> str:
     except RenderError as e:
         picture = f'<p class="picture">(no picture: {html.escape(str(e))})</p>'
     head = str(diff).splitlines()[0]
+    whole = f'<h2>model map</h2>\n<div class="map">{map_svg(diff, title=head)}</div>'
     rows = []
     for g in diff.groups.values():
         cls = f"{g.before_class or '(none)'} &rarr; {g.after_class or '(none)'}" if g.class_change else html.escape(g.after_class or "")
@@ -226,6 +228,8 @@ def to_html(diff: Diff, path=None, *, context: int = 2) -> str:
 <body>
 <h1>surgery diff</h1>
 <p>{html.escape(head)}</p>
+{whole}
+<h2>nodes</h2>
 {picture}
 <h2>sites</h2>
 <table class="sites"><tr><th>path</th><th>class</th><th>variant</th><th>added</th><th>removed</th><th>changed</th></tr>

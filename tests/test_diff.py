@@ -237,6 +237,8 @@ def test_html_renders_in_a_browser(pair, tmp_path):
                          timeout=120).stdout
     assert "<svg" in dom and K0 in dom and K1 in dom
     assert "lora_a = self.lora_A" in dom  # the code, side by side
+    # the model map: layers drawn once with a count, each site row a link to its section on the same page
+    assert 'class="map"' in dom and "{0..1}" in dom and f'href="#site-{K0}"' in dom and f'id="site-{K0}"' in dom
 
 
 def test_hand_written_expected_diff_node_by_node():
@@ -260,3 +262,75 @@ def test_hand_written_expected_diff_node_by_node():
         ("output", "output", "return linear", "return add", "arguments")
     ]
     assert d.classes == {"0": ("Linear", "Site")}
+
+
+# ----- the model map -----
+
+
+def llama28():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=28,
+                                        num_attention_heads=2, num_key_value_heads=1))
+
+
+def svg_size(svg: str) -> tuple[int, int]:
+    import re
+
+    head = svg[: svg.index(">")]
+    return int(re.search(r'width="(\d+)"', head).group(1)), int(re.search(r'height="(\d+)"', head).group(1))
+
+
+@pytest.mark.parametrize("scope", ["module", "graph"])
+def test_a_28_layer_map_draws_each_block_once_within_its_bound(scope):
+    from surgery.modelmap import WIDTH, height, rows
+
+    before = llama28()
+    ids = torch.randint(0, 32, (2, 5))
+    if scope == "graph":
+        before = surgery.trace(before, input_ids=ids)
+    after = copy.deepcopy(before)
+    surgery.rewrite(after, LoRA(r=2), "*.{q_proj,v_proj}")
+    with torch.no_grad():
+        for s in surgery.sites(after).values():
+            s.lora_B.normal_()
+    merged = surgery.merge(copy.deepcopy(after))
+    for d in (surgery.diff(before, after), surgery.diff(before, merged)):
+        rs = rows(d)
+        by_label = {r.label: r for r in rs}
+        assert by_label["{0..27}"].count == 28 and by_label["{0..27}"].cls == "LlamaDecoderLayer"
+        assert [r.label for r in rs if r.label.isdigit()] == [], "no layer drawn on its own"
+        marked = {r.label for r in rs if r.change is not None}
+        assert marked == {"q_proj", "v_proj"}, marked
+        assert len(rs) == 20  # the model's distinct modules, whatever its length
+        w, h = svg_size(d.map_svg())
+        assert (w, h) == (WIDTH, height(len(rs))) and h <= 600
+    sites = {r.label: r for r in rows(surgery.diff(before, after)) if r.variant}
+    assert set(sites) == {"q_proj", "v_proj"} and sites["q_proj"].variant == "LoRA(r=2)"
+    assert sites["q_proj"].anchor == "model.layers.0.self_attn.q_proj"
+    merged_rows = rows(surgery.diff(before, merged))
+    assert not any(r.variant for r in merged_rows), "merged: no sites left, only weight changes"
+    assert all(0 < r.change < float("inf") for r in merged_rows if r.change is not None)
+
+
+def test_a_layer_that_differs_gets_its_own_row():
+    from surgery.modelmap import rows
+
+    before = llama28()
+    after = copy.deepcopy(before)
+    surgery.rewrite(after, LoRA(r=2), "model.layers.3.self_attn.k_proj")
+    labels = [r.label for r in rows(surgery.diff(before, after))]
+    assert labels.count("{0..2}") == 1 and labels.count("3") == 1 and labels.count("{4..27}") == 1
+
+
+def test_map_of_two_checkpoints_from_tensor_names(tmp_path):
+    from surgery.modelmap import rows
+    from surgery.weights import changes
+
+    a = {"model.layers.0.q.weight": torch.ones(2, 2), "model.layers.1.q.weight": torch.ones(2, 2)}
+    b = {"model.layers.0.q.weight": torch.ones(2, 2) * 2, "model.layers.1.q.weight": torch.ones(2, 2) * 2}
+    d = surgery.Diff("checkpoint", {}, changes({k: (lambda v=v: v) for k, v in a.items()},
+                                               {k: (lambda v=v: v) for k, v in b.items()}))
+    labels = [(r.depth, r.label, r.count) for r in rows(d)]
+    assert labels == [(0, "(model)", 1), (1, "model", 1), (2, "layers", 1), (3, "{0..1}", 2), (4, "q", 1)]
