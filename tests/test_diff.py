@@ -239,6 +239,7 @@ def test_html_renders_in_a_browser(pair, tmp_path):
     assert "lora_a = self.lora_A" in dom  # the code, side by side
     # the model map: layers drawn once with a count, each site row a link to its section on the same page
     assert 'class="map"' in dom and "{0..1}" in dom and f'href="#site-{K0}"' in dom and f'id="site-{K0}"' in dom
+    assert 'class="sites weights"' in dom and f"{K0}.lora_A" in dom  # the weight table (the adapter's new tensors)
 
 
 def test_hand_written_expected_diff_node_by_node():
