@@ -50,6 +50,26 @@ def test_pissa_shows_the_residual_it_writes_into_the_base(scope):
     assert w.path == "0.weight" and w.rank == 2  # W_res = W - (its top-2 SVD part)
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_training_step_and_a_load_show_what_they_moved(scope, tmp_path):
+    model = toy(scope)
+    surgery.rewrite(model, LoRA(r=2), "*")
+    snap = copy.deepcopy(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(X).pow(2).mean().backward()
+    opt.step()
+    moved = surgery.diff(snap, model).weights
+    # the first step moves B only: A's gradient is B^T (...), zero while B = 0
+    assert [(w.path, w.kind, w.rank) for w in moved] == [("0.lora_B", "changed", 2), ("2.lora_B", "changed", 2)]
+    surgery.save(model, tmp_path / "a.safetensors")
+    fresh = toy(scope)
+    base = copy.deepcopy(fresh)
+    surgery.load(fresh, tmp_path / "a.safetensors")
+    loaded = surgery.diff(base, fresh).weights
+    assert {(w.path, w.kind) for w in loaded} == {(f"{p}.{t}", "only after") for p in ("0", "2") for t in ("lora_A", "lora_B")}
+    assert not surgery.diff(model, fresh).weights, "the loaded adapter is the trained one, bit for bit"
+
+
 def test_hand_written_weight_table():
     before = nn.Sequential(nn.Linear(4, 3, bias=False))
     with torch.no_grad():
