@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--quick", action="store_true", help="the tiny size (what the smoke test runs)")
-    ap.add_argument("--out", help="also write the tables as JSON here")
+    ap.add_argument("--out", help="write the tables as JSON here (default: benchmarks/results/scale-cpu.json)")
     ap.add_argument("--layers", type=int, help="layers of the model for the ratio table (default: the size's)")
     ap.add_argument("--reps", type=int, help="interleaved repetitions per variant (default: the size's)")
     ap.add_argument("--variants", default=DEFAULT, help=f"comma list (default {DEFAULT})")
@@ -234,8 +234,10 @@ def main(argv=None) -> None:
         print(markdown(rows, [(k, k) for k in ("variant", "layers", "sites", "ours_ms_per_site", "peft_ms_per_site",
                                                "ratio")]), flush=True)
         result["growth"] = rows
-    if args.out:
-        common.write_json(args.out, result)
+    out = args.out or (None if args.quick else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                            "scale-cpu.json"))
+    if out:
+        common.write_json(out, result)
 
 
 if __name__ == "__main__":
