@@ -215,13 +215,13 @@ def main(argv=None) -> None:
         print(f"\n## ours / PEFT at {layers} layers ({n / 1e6:.0f}M parameters, {7 * layers} sites), "
               "median [quartiles]; seconds and MiB as ours / PEFT\n", flush=True)
         calib = calibration(sz)
-        rows = []
-        for spec in specs:
-            rows.append(bench_variant(spec, base, knobs, calib, reps, mem))
-            print(f"  {spec.name} done", file=sys.stderr, flush=True)
         cols = [("variant", "variant")] + [(c, c) for c in COSTS] + [(f"{c}_s", f"{c} s") for c in COSTS]
         cols += [("apply_mem", "apply peak MiB"), ("merge_mem", "merge peak MiB"), ("file", "file size")]
-        print(markdown(rows, cols), flush=True)
+        print("\n".join(markdown([], cols).splitlines()[:2]), flush=True)
+        rows = []
+        for spec in specs:  # a row as soon as it is measured: the slow variants (PiSSA, EVA) take minutes each
+            rows.append(bench_variant(spec, base, knobs, calib, reps, mem))
+            print(markdown(rows[-1:], cols).splitlines()[2], flush=True)
         result["table"], result["layers"] = rows, layers
         del base
         gc.collect()
