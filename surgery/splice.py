@@ -83,15 +83,31 @@ def tracer() -> fx.Tracer:
 
 
 class _Watched:
-    """``t.site`` while a forward is traced: the same facts, noting whether the forward read the path."""
+    """``t.site`` while a forward is traced: the same facts, noting whether the forward may have seen the
+    path (anything but d_in, d_out and layout, which every key holds, counts as the path)."""
+
+    _KEYED = ("d_in", "d_out", "layout")
 
     def __init__(self, info: SiteInfo):
         self.info, self.read_path = info, False
 
     def __getattr__(self, name: str) -> Any:
-        if name == "path":
+        if name not in self._KEYED:
             self.read_path = True
         return getattr(self.info, name)
+
+    def _whole(self) -> SiteInfo:
+        self.read_path = True
+        return self.info
+
+    def __repr__(self) -> str:
+        return repr(self._whole())
+
+    def __eq__(self, other: object) -> bool:
+        return self._whole() == other
+
+    def __hash__(self) -> int:
+        return hash(self._whole())
 
 
 @dataclass

@@ -127,10 +127,37 @@ class Tagged(LoRA):
     tags: list = None  # unhashable: the kind of a site cannot be told, so nothing is shared
 
 
-def test_an_unhashable_variant_is_traced_per_site(traces):
-    model = LLAMA.model()
+@pytest.mark.parametrize("scope", SCOPES)
+def test_an_unhashable_variant_is_traced_per_site(scope, traces):
+    model = llama(scope)
     surgery.rewrite(model, Tagged(r=4, tags=["a"]), "*.{k_proj,v_proj}")
     assert len(traces) == 4
+
+
+@dataclass(frozen=True)
+class FormatsSite(LoRA):
+    """Sees the path through t.site as a whole (its text), not through t.site.path."""
+
+    def forward(self, x, y, weight, bias, t):
+        out = super().forward(x, y, weight, bias, t)
+        return y + 2 * (out - y) if "k_proj" in f"{t.site}" else out
+
+    def fold(self, weight, bias, t):
+        W, b = super().fold(weight, bias, t)
+        return (weight + 2 * (W - weight) if "k_proj" in f"{t.site}" else W), b
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_forward_that_reads_the_whole_site_is_traced_per_site(scope, traces):
+    model = llama(scope)
+    x = LLAMA.inputs()
+    surgery.rewrite(model, FormatsSite(r=4), "*.{k_proj,v_proj}")
+    assert len(traces) == 4, traces
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.normal_()
+    out = model(**x).logits
+    assert rel_err(surgery.merge(model)(**x).logits, out) < 1e-5
 
 
 class Times(nn.Linear):
