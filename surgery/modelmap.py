@@ -71,14 +71,14 @@ def _signature(node: _Node, variants: dict[str, str], change: dict[str, float]) 
 
 def _runs(children: list[_Node], variants, change) -> list[tuple[list[_Node], str]]:
     """Consecutive numbered children with equal signatures, as (members, label)."""
-    out: list[tuple[list[_Node], str]] = []
+    out: list[tuple[list[_Node], tuple | None]] = []  # (members, signature of the run; None: not numbered)
     for c in children:
-        if c.name.isdigit() and out and out[-1][0][-1].name.isdigit() \
-                and int(out[-1][0][-1].name) + 1 == int(c.name) \
-                and _signature(out[-1][0][-1], variants, change) == _signature(c, variants, change):
+        sig = _signature(c, variants, change) if c.name.isdigit() else None
+        last = out[-1][0][-1] if out else None
+        if sig is not None and last is not None and out[-1][1] == sig and int(last.name) + 1 == int(c.name):
             out[-1][0].append(c)
         else:
-            out.append(([c], c.name))
+            out.append(([c], sig))
     return [(m, m[0].name if len(m) == 1 else f"{{{m[0].name}..{m[-1].name}}}") for m, _ in out]
 
 
@@ -142,7 +142,7 @@ def svg(diff, *, title: str | None = None) -> str:
         name = esc(r.label) + (f' <tspan fill="#1565c0">x{r.count}</tspan>' if r.count > 1 else "")
         line = f'<text x="{x}" y="{y + 14}">{name} <tspan fill="#757575">{esc(r.cls)}</tspan></text>'
         if r.anchor:
-            line = f'<a href="#site-{esc(_slug(r.anchor))}">{line}</a>'
+            line = f'<a href="#{esc(anchor(r.anchor))}">{line}</a>'
         out.append(line)
         if r.variant:
             out.append(f'<text x="600" y="{y + 14}" fill="#2e7d32">{esc(r.variant)}</text>')
@@ -155,5 +155,6 @@ def svg(diff, *, title: str | None = None) -> str:
     return "\n".join(out)
 
 
-def _slug(path: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_.-]", "_", path)
+def anchor(path: str) -> str:
+    """The id of a site's section of the HTML page (``render.to_html``), which map rows link to."""
+    return "site-" + re.sub(r"[^0-9A-Za-z_.-]", "_", path)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .compare import ADDED, CHANGED, REMOVED, Diff, Group, context, node_line, unified
 from .errors import RenderError
+from .modelmap import anchor
 from .modelmap import svg as map_svg
 from .weights import HEAD
 
@@ -203,7 +204,7 @@ def to_html(diff: Diff, path=None, *, context: int = 2) -> str:
     for g in diff.groups.values():
         cls = f"{g.before_class or '(none)'} &rarr; {g.after_class or '(none)'}" if g.class_change else html.escape(g.after_class or "")
         rows.append(
-            f'<tr><td><a href="#{_anchor(g.path)}">{html.escape(g.path)}</a></td><td>{cls}</td>'
+            f'<tr><td><a href="#{anchor(g.path)}">{html.escape(g.path)}</a></td><td>{cls}</td>'
             f"<td>{html.escape(g.variant or '')}</td><td class=\"n\">+{g.count(ADDED)}</td>"
             f'<td class="n">-{g.count(REMOVED)}</td><td class="n">~{g.count(CHANGED)}</td></tr>'
         )
@@ -214,7 +215,7 @@ def to_html(diff: Diff, path=None, *, context: int = 2) -> str:
         weights = f'<h2>weights</h2>\n<table class="sites weights"><tr>{head_cells}</tr>\n{body}\n</table>'
     sections = []
     for g, same in diff.folded():
-        anchors = "".join(f'<a id="{_anchor(s.path)}"></a>' for s in same)
+        anchors = "".join(f'<a id="{anchor(s.path)}"></a>' for s in same)
         also = (f'<p class="same">The same changes at {len(same)} more site{"s" * (len(same) > 1)}: '
                 f'{html.escape(", ".join(s.path for s in same))}</p>') if same else ""
         if not (g.before_code or g.after_code):
@@ -222,7 +223,7 @@ def to_html(diff: Diff, path=None, *, context: int = 2) -> str:
         else:
             body = (f'<table class="code"><tr><th>before</th><th>after</th></tr>'
                     f"{_code_rows(g, diff.scope == 'module')}</table>")
-        sections.append(f'<section class="site"><h2 id="{_anchor(g.path)}">{html.escape(g.path)}</h2>{anchors}{also}{body}</section>')
+        sections.append(f'<section class="site"><h2 id="{anchor(g.path)}">{html.escape(g.path)}</h2>{anchors}{also}{body}</section>')
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>surgery diff</title><style>{_CSS}</style></head>
 <body>
@@ -242,7 +243,3 @@ def to_html(diff: Diff, path=None, *, context: int = 2) -> str:
     if path is not None:
         Path(path).write_text(page, encoding="utf-8")
     return page
-
-
-def _anchor(path: str) -> str:
-    return "site-" + re.sub(r"[^0-9A-Za-z_.-]", "_", path)
