@@ -79,3 +79,18 @@ def test_scale_quick_has_every_cost_per_variant(tmp_path):
             assert median > 0, (r["variant"], cost, r[cost])
     assert [(g["variant"], g["sites"]) for g in data["growth"]] == [(v, n) for v in ("LoRA", "EVA", "IA3")
                                                                      for n in (7, 14)]
+
+
+def test_fsdp_memory_quick_has_both_sides_on_every_rank(tmp_path):
+    stdout, data = run_script("fsdp_memory", tmp_path)  # starts torchrun --nproc_per_node=2 (gloo) itself
+    rows = table_rows(stdout)
+    for metric in ("parameter bytes held (MiB)", "retained full-weight bytes after step",
+                   "RSS after step, above start (MiB)", "training step, median (ms)"):
+        assert metric in rows and len(rows[metric]) == 4, f"no row {metric!r}:\n{stdout}"
+    assert {"0", "1"} <= set(rows), f"summary has no row per rank:\n{stdout}"
+    assert [r["rank"] for r in data["ranks"]] == [0, 1]
+    for r in data["ranks"]:
+        for side in ("ours", "peft"):
+            for key in ("params", "rss_after_step", "peak_step", "retained_after_shard", "retained_after_step"):
+                assert key in r[side], (r["rank"], side, key)
+    assert data["timing"]["ours_s"] and data["timing"]["peft_s"]
