@@ -30,6 +30,7 @@ _PUBLIC = {  # name -> module that defines it
     "diff": "compare", "Diff": "compare",
     "Site": "site", "SiteAPI": "site",
     "disabled": "control", "scaled": "control", "set_scale": "control",
+    "adapter_names": "control", "activate": "control", "delete": "control", "combine": "control",
     "resumable": "hf",
 }
 __all__ = [*_PUBLIC, "errors"]
@@ -37,7 +38,7 @@ __all__ = [*_PUBLIC, "errors"]
 if TYPE_CHECKING:
     from .capture import is_traced, trace
     from .compare import Diff, diff
-    from .control import disabled, scaled, set_scale
+    from .control import activate, adapter_names, combine, delete, disabled, scaled, set_scale
     from .hf import resumable
     from .inspect import Plan, plan, sites, summary
     from .io import load, save

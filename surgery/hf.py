@@ -161,42 +161,37 @@ def _accelerator_hooks(accelerator: Any) -> Any:
 
 
 def _load_in_place(model: nn.Module, path: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from .inspect import sites
-    from .io import load
+    from .io import decode, entry_prefix, load, read_bytes, read_header, read_metadata
 
     live = sites(model)
     if not live:
         load(model, path)
         return
-    with safe_open(str(path), "pt") as f:
-        header = f.metadata() or {}
-    try:
-        saved = json.loads(header["sites"])
-    except (KeyError, ValueError):
-        raise AdapterFileError(f"{path} has no model-surgery metadata; it was not written by surgery.save.") from None
-    if saved.keys() != live.keys():
-        extra, missing = sorted(saved.keys() - live.keys()), sorted(live.keys() - saved.keys())
+    data = read_bytes(path)
+    header = read_header(path, data)
+    saved = read_metadata(path, header=header)["sites"]
+    here = {entry_prefix(p, n): s.adapter(n) for p, s in live.items() for n in s.names}
+    if saved.keys() != here.keys():
+        extra, missing = sorted(saved.keys() - here.keys()), sorted(here.keys() - saved.keys())
         raise ConfigError(
-            f"{path} holds the adapter of other sites than this model has (in the file only: {extra[:3]}; in the "
+            f"{path} holds the adapters of other sites than this model has (in the file only: {extra[:3]}; in the "
             f"model only: {missing[:3]}). Rewrite the base as it was rewritten when the state was saved, or load "
             "onto a model without sites."
         )
-    for p, site in live.items():
-        config = json.loads(json.dumps(site.variant.to_config()))  # as the file stores it (tuples become lists)
-        if saved[p].get("variant") != site.variant.name or saved[p].get("config") != config:
+    for k, view in here.items():
+        config = json.loads(json.dumps(view.variant.to_config()))  # as the file stores it (tuples become lists)
+        if saved[k].get("variant") != view.variant.name or saved[k].get("config") != config:
             raise ConfigError(
-                f"{p} is {site.variant.short()} here but {saved[p].get('variant')} {saved[p].get('config')} in "
+                f"{k} is {view.variant.short()} here but {saved[k].get('variant')} {saved[k].get('config')} in "
                 f"{path}. Rewrite the base with the variant the state was saved with, or load onto a model "
                 "without sites."
             )
-    tensors = load_file(str(path))
+    tensors = decode(path, data)
     with torch.no_grad():
-        for p, site in live.items():
-            for name, t in site.adapter_tensors().items():
-                key = f"{p}.{name}"
+        for k, view in here.items():
+            for name, t in view.adapter_tensors().items():
+                key = f"{k}.{name}"
                 if key not in tensors or tensors[key].shape != t.shape:
                     raise AdapterFileError(
                         f"{path}: tensor {key!r} is missing or has another shape than the model's {tuple(t.shape)}."

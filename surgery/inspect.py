@@ -11,6 +11,7 @@ from torch import nn
 from .ops import matches
 from .scope import scope_of
 from .site import SiteAPI
+from .splice import DEFAULT
 from .where import Matches, Where
 
 
@@ -66,20 +67,26 @@ def sites(model: nn.Module) -> dict[str, SiteAPI]:
 
 
 def summary(model: nn.Module) -> str:
-    """A table of sites: path, variant, in/out, trainable parameters, dtype; totals and % of the model."""
+    """A table of sites: path, variant, in/out, trainable parameters, dtype; totals and % of the model. With
+    named adapters, a row per adapter and site, with its name (and "off" when it does not run)."""
     rows = []
-    for path, s in sites(model).items():
-        tensors = s.adapter_tensors()
-        dt = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-        rows.append((path, s.variant.short(), str(s.d_in), str(s.d_out), f"{s.trainable_count():,}", ",".join(dt)))
-    head = ("path", "variant", "in", "out", "trainable", "dtype")
+    found = sites(model)
+    named = any(s.names != [DEFAULT] for s in found.values())
+    for path, s in found.items():
+        for n in s.names:
+            a = s.adapter(n)
+            dt = sorted({str(t.dtype).removeprefix("torch.") for t in a.adapter_tensors().values()})
+            who = (f"{n}{'' if n in s.active else ' (off)'}",) if named else ()
+            rows.append((path, *who, a.variant.short(), str(s.d_in), str(s.d_out), f"{a.trainable_count():,}",
+                         ",".join(dt)))
+    head = ("path", *(("adapter",) if named else ()), "variant", "in", "out", "trainable", "dtype")
     if not rows:
         return "no sites: the model has not been rewritten"
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    right = {2, 3, 4}
+    right = {i + named for i in (2, 3, 4)}
     fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
-    lines.append(f"{len(rows)} sites; trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)")
+    lines.append(f"{len(found)} sites; trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)")
     return "\n".join(lines)

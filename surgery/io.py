@@ -25,15 +25,16 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, BaseMismatchError, MetaDeviceError, OutputPathError, clip
+from .errors import AdapterFileError, BaseMismatchError, ConfigError, MetaDeviceError, OutputPathError, clip
 from .hf import adapter_in
-from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite
+from .ops import all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite
 from .scope import Scope, scope_of
 from .site import SiteAPI, gathered, is_sharded, linear_weight
+from .splice import DEFAULT, slot_prefix
 from .variant import Variant, variant_from_config
 
 FORMAT = "model-surgery"
-VERSION = 1
+VERSION = 2  # 2: several named adapters (entries keyed by tensor prefix, with path and adapter)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -167,10 +168,10 @@ def _same_sample(saved: list[float], now: list[float], saved_dtype: str, now_dty
     return torch.equal(a, b)
 
 
-def check_base_sample(scope: Scope, meta: dict[str, Any], plan: dict[str, Variant], path) -> None:
+def check_base_sample(scope: Scope, entries: dict[str, dict[str, Any]], plan: dict[str, Variant], path) -> None:
     """Each adapted weight must be the one the file was saved on: an error for variants whose tensors were
-    computed from it (``Variant.base_bound``), a warning for the rest."""
-    for p, info in meta["sites"].items():
+    computed from it (``Variant.base_bound``), a warning for the rest. ``entries`` and ``plan`` by module path."""
+    for p, info in entries.items():
         saved = info.get("base", {}).get("sample")
         base = scope.base(p)
         now = weight_sample(linear_weight(base.weight, base.layout))
@@ -186,30 +187,47 @@ def check_base_sample(scope: Scope, meta: dict[str, Any], plan: dict[str, Varian
         warnings.warn(f"{what}; {plan[p].name} only adds to the base, so loading goes on.", stacklevel=3)
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter (tensors + configs + base fingerprint) to a safetensors file, atomically."""
+def entry_prefix(path: str, name: str) -> str:
+    """Where an adapter's tensors sit in a file: under their state_dict names (``<path>.lora_A``, or
+    ``<path>.adapters.<name>.lora_A`` for an adapter not named "default")."""
+    return path + ("." + slot_prefix(name)[:-1] if name != DEFAULT else "")
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) -> None:
+    """Write the adapters (or only adapter ``name``): tensors, configs and base fingerprint, to a safetensors
+    file, atomically. Each adapter is written as trained (strength 1), with whether it was active."""
     scope = scope_of(model)
     sites = all_sites(scope)
+    views = {entry_prefix(p, n): s.adapter(n) for p, s in sites.items() for n in s.names if name in (None, n)}
+    if not views:
+        raise ConfigError(
+            f"cannot save adapter {name!r}: this {scope.noun} has no adapter of that name; its adapters are "
+            f"{sorted({n for s in sites.values() for n in s.names})}. Pass one of those, or name=None for all."
+        )
     # a model sharded by FSDP2: every rank calls save and gathers each tensor (a collective); rank 0 writes
     sharded = any(is_sharded(s.weight) for s in sites.values())
-    whole = {p: {n: gathered(t) for n, t in s.adapter_tensors().items()} for p, s in sites.items()}
-    require_finite(scope, sites, "save", whole)
+    whole = {k: {n: gathered(t) for n, t in v.adapter_tensors().items()} for k, v in views.items()}
+    require_finite(scope, views, "save", whole)
     tensors, meta = {}, {}
-    for p, s in sites.items():
-        for name, t in whole[p].items():
+    samples: dict[str, Any] = {}
+    for k, v in views.items():
+        for tname, t in whole[k].items():
             if t.device.type == "meta":
                 raise MetaDeviceError(
-                    f"cannot save {p}.{name}: it is on the meta device (shapes only, no values). Move the model "
+                    f"cannot save {k}.{tname}: it is on the meta device (shapes only, no values). Move the model "
                     "to a real device with real weights (model.to_empty(device='cpu'), then load a checkpoint) "
                     "and rewrite it there."
                 )
-            tensors[f"{p}.{name}"] = t.detach().to("cpu").contiguous()
-        meta[p] = {
-            "variant": s.variant.name,
-            "config": s.variant.to_config(),
-            "base": {"class": s.base_class, "layout": s.layout, "d_in": s.d_in, "d_out": s.d_out,
-                     "dtype": str(s.weight.dtype).removeprefix("torch."),
-                     "sample": weight_sample(gathered(s.original_weight))},
+            tensors[f"{k}.{tname}"] = t.detach().to("cpu").contiguous()
+        if v.path not in samples:
+            samples[v.path] = weight_sample(gathered(v.original_weight))
+        meta[k] = {
+            "variant": v.variant.name,
+            "config": v.variant.to_config(),
+            "base": {"class": v.base_class, "layout": v.layout, "d_in": v.d_in, "d_out": v.d_out,
+                     "dtype": str(v.weight.dtype).removeprefix("torch."), "sample": samples[v.path]},
+            **({} if v.name == DEFAULT else {"path": v.path, "adapter": v.name}),
+            **({} if v.name in v.site.active else {"active": False}),
         }
     metadata = {"format": FORMAT, "version": str(VERSION), "sites": json.dumps(meta),
                 "fingerprint": fingerprint(scope)}
@@ -320,14 +338,18 @@ def _site_entry_problem(info: Any) -> str | None:
     config, base = info.get("config", {}), info.get("base", {})
     if not isinstance(config, dict) or not isinstance(base, dict):
         return "'config' and 'base' must be dicts"
+    if not isinstance(info.get("path", ""), str) or not isinstance(info.get("adapter", ""), str):
+        return "'path' and 'adapter' must be strings"
     dtype = config.get("dtype")
     if dtype is not None and not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
         return f"config dtype {dtype!r} is not a torch dtype name such as 'float32'"
     return None
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
-    """Rewrite a fresh base as recorded in ``path`` and fill in the saved tensors; returns ``model``.
+def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True, name: str | None = None) -> nn.Module:
+    """Add the adapters recorded in ``path`` to ``model`` (a fresh base, or one whose sites lack those names)
+    and fill in the saved tensors; returns ``model``. Adapters keep their saved names and active state;
+    ``name`` renames the adapter of a single-adapter file, or picks one adapter of a file holding several.
 
     Every target is checked against the model first; each site is then built and filled from the file
     before any of them goes in, so a bad file leaves the model as it was. ``check_base``: compare a
@@ -338,21 +360,57 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) 
     data = read_bytes(path)
     header = read_header(path, data)
     meta = read_metadata(path, header=header)
-    plan = {p: variant_from_config(info["variant"], info.get("config", {})) for p, info in meta["sites"].items()}
+    entries = {k: (info.get("path", k), info.get("adapter", DEFAULT), info) for k, info in meta["sites"].items()}
+    for k, (p, n, _) in entries.items():
+        if entry_prefix(p, n) != k:  # the key is where the tensors are: it must say the same as path and adapter
+            raise AdapterFileError(
+                f"{path}: the entry {clip(k)!r} gives path {clip(p)!r} and adapter {clip(n)!r}, whose tensors would be "
+                f"under {clip(entry_prefix(p, n))!r}; the file is corrupt. Re-save the adapter with surgery.save."
+            )
+    saved_names = list(dict.fromkeys(n for _, n, _ in entries.values()))
+    rename = {n: n for n in saved_names}
+    if name is not None:
+        check_name(name)
+        if len(saved_names) == 1:
+            rename = {saved_names[0]: name}
+        elif name in saved_names:
+            entries = {k: e for k, e in entries.items() if e[1] == name}
+        else:
+            raise AdapterFileError(
+                f"{path} holds the adapters {saved_names}, none named {name!r}. Pass one of those, or name=None "
+                "to load them all."
+            )
+    for n in rename.values():
+        try:
+            check_name(n)
+        except ConfigError:
+            raise AdapterFileError(f"{path}: adapter name {clip(repr(n))} is not a valid name; the file is corrupt.") from None
+    plan: dict[str, dict[str, Variant]] = {}
+    prefix: dict[tuple[str, str], str] = {}
+    by_prefix: dict[str, Variant] = {}
+    for k, (p, n, info) in entries.items():
+        v = variant_from_config(info["variant"], info.get("config", {}))
+        if n in plan.get(p, {}):
+            raise AdapterFileError(f"{path} lists adapter {n!r} at {clip(p)} twice; the file is corrupt.")
+        plan.setdefault(p, {})[rename[n]] = v
+        prefix[(p, rename[n])] = k
+        by_prefix[k] = v
     scope = scope_of(model)
-    targets = {}
-    for p, info in meta["sites"].items():
+    targets, bases = {}, {}
+    for k, (p, n, info) in entries.items():
         base = info.get("base", {})
         want = (base.get("d_in"), base.get("d_out"))
         targets[p] = want if None not in want else None
-    check_targets(scope, targets, str(path))
+        bases.setdefault(p, (info, by_prefix[k]))
+    check_targets(scope, targets, str(path), {p: list(named) for p, named in plan.items()})
     shapes: dict[str, list[tuple]] = {}
     for k, v in header.items():
         if k != "__metadata__" and isinstance(v.get("shape"), list):
             shapes.setdefault(k.rpartition(".")[0], []).append(tuple(v["shape"]))
-    check_ranks(plan, shapes, str(path))
+    check_ranks(by_prefix, shapes, str(path))
     if check_base:
-        check_base_sample(scope, meta, plan, path)
+        bound = {p: next((v for v in plan[p].values() if v.base_bound), next(iter(plan[p].values()))) for p in plan}
+        check_base_sample(scope, {p: info for p, (info, _) in bases.items()}, bound, path)
     if meta["fingerprint"] and meta["fingerprint"] != fingerprint(scope):
         warnings.warn(
             f"{path}: the base model differs from the one the adapter was saved on (other parameters or "
@@ -361,14 +419,15 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) 
         )
     tensors = decode(path, data)
 
-    def fill(p: str, site: SiteAPI) -> None:
-        for name, t in site.adapter_tensors().items():
-            key = f"{p}.{name}"
+    def fill(p: str, view: SiteAPI) -> None:
+        for tname, t in view.adapter_tensors().items():
+            key = f"{prefix[(p, view.name)]}.{tname}"
             if key not in tensors:
-                raise AdapterFileError(f"{path} lacks tensor {key!r} that {site.variant.short()} needs; the file is incomplete.")
-            fill_value(str(path), key, tensors[key], t, site)
+                raise AdapterFileError(f"{path} lacks tensor {key!r} that {view.variant.short()} needs; the file is incomplete.")
+            fill_value(str(path), key, tensors[key], t, view)
 
-    install(scope, plan, loading=True, fill=fill)
+    inactive = frozenset((p, rename[n]) for p, n, info in entries.values() if info.get("active") is False)
+    install(scope, plan, loading=True, fill=fill, inactive=inactive)
     return model
 
 

@@ -9,6 +9,7 @@ same module objects, same ``requires_grad`` flags, no stray sites.
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -39,6 +40,7 @@ from . import hf
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
 from .site import SiteAPI, dims, is_sharded, linear_weight
+from .splice import DEFAULT, SCALE, Part
 from .variant import SiteInit, Variant
 from .where import Matches, Where, match
 
@@ -53,26 +55,41 @@ def matches(scope: Scope, where: Where, *, strict: bool = True) -> Matches:
     return match(cands, lambda m: id(m) in ok, where, strict=strict)
 
 
-def resolve(scope: Scope, where: Where) -> list[str]:
+def resolve(scope: Scope, where: Where, name: str = DEFAULT) -> list[str]:
     """The adaptable paths `where` selects, with our errors for the bad cases."""
     found = matches(scope, where).paths
     sites = scope.sites()
-    done = [p for p in found if p in sites]
+    done = [p for p in found if p in sites and name in sites[p].record.adapters]
     if done:
-        raise already_rewritten(scope, done[0], sites[done[0]].variant, len(done) - 1)
+        raise already_rewritten(scope, done[0], name, sites[done[0]].adapter(name).variant, len(done) - 1)
     return found
 
 
-def already_rewritten(scope: Scope, path: str, variant: Variant | None = None, more: int = 0) -> AlreadyRewrittenError:
+def already_rewritten(scope: Scope, path: str, name: str = DEFAULT, variant: Variant | None = None,
+                      more: int = 0) -> AlreadyRewrittenError:
     what = f" with {variant.short()}" if variant is not None else ""
     also = f" (and {more} more matched sites)" if more else ""
     return AlreadyRewrittenError(
-        f"{path} is already rewritten{what}{also}. One variant per site: call surgery.restore({_arg(scope)}) or "
-        f"surgery.merge({_arg(scope)}) first and start from a fresh base, or narrow `where` to untouched modules."
+        f"{path} already has an adapter named {name!r}{what}{also}. Each name once per site: pass another "
+        f"name (surgery.rewrite(..., name='second')) to add a second adapter, surgery.delete({call_arg(scope)}, "
+        f"{name!r}) to replace it, or narrow `where` to modules without it."
     )
 
 
-def _arg(scope: Scope) -> str:
+def check_name(name: Any) -> str:
+    """An adapter name: it becomes a module name on each site (``adapters.<name>``) and a key in files."""
+    if not (isinstance(name, str) and _NAME.fullmatch(name)):
+        raise ConfigError(
+            f"an adapter name must be 1-64 letters, digits, '_' or '-' (it names a submodule and file keys), got "
+            f"name={clip(repr(name))}. Use e.g. name='reviewer'."
+        )
+    return name
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+
+
+def call_arg(scope: Scope) -> str:
     return "gm" if scope.noun == "GraphModule" else "model"
 
 
@@ -92,17 +109,20 @@ def check_variant(variant: Any) -> None:
         )
 
 
-def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: Iterable[Any] | None = None) -> nn.Module:
-    """Splice ``variant`` into every module matched by ``where``, in place; returns ``model``."""
+def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: Iterable[Any] | None = None,
+            name: str = DEFAULT) -> nn.Module:
+    """Splice ``variant`` into every module matched by ``where``, in place, as the adapter ``name`` (a site
+    may hold several, each name once; the new one is active); returns ``model``."""
     check_variant(variant)
+    check_name(name)
     scope = scope_of(model)
-    paths = resolve(scope, where)
+    paths = resolve(scope, where, name)
     plan: dict[str, Variant] = {p: variant for p in paths}
     states: dict[str, Any] = {}
     if variant.needs_calibration:
         states = collect(scope, variant, paths, calibration)
         plan = variant.configure(states)
-    install(scope, plan, states=states)
+    install(scope, {p: {name: v} for p, v in plan.items()}, states=states)
     return model
 
 
@@ -164,16 +184,21 @@ def _owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def install(scope: Scope, plan: dict[str, Variant], *, states: dict[str, Any] | None = None, loading: bool = False,
-            fill: Callable[[str, SiteAPI], None] | None = None) -> dict[str, SiteAPI]:
-    """Stage a site for each (path, variant), probe identity (or ``fill`` it from a file), then commit.
+def install(scope: Scope, plan: dict[str, dict[str, Variant]], *, states: dict[str, Any] | None = None,
+            loading: bool = False, fill: Callable[[str, SiteAPI], None] | None = None,
+            inactive: frozenset[tuple[str, str]] = frozenset()) -> dict[str, SiteAPI]:
+    """Stage a site for each path with the adapters ``plan[path]`` (name -> variant), probe identity (or
+    ``fill`` each adapter from a file: ``fill(path, site.adapter(name))``), then commit. A path that is a
+    site already keeps its adapters and gets these too; the new ones are active unless (path, name) is in
+    ``inactive``.
 
     All or nothing: nothing touches the model before every site is built, probed and filled.
     """
     states = states or {}
     owners = _owners(scope.model)
-    txn = scope.begin()
-    for path, variant in plan.items():
+    sites = scope.sites()
+    txn = scope.begin(rebuild=[p for p in plan if p in sites])
+    for path, named in plan.items():
         base = scope.base(path)
         if is_sharded(base.weight):
             raise ShardedModelError(
@@ -187,28 +212,79 @@ def install(scope: Scope, plan: dict[str, Variant], *, states: dict[str, Any] | 
                 f"calling the original, and merging would change both. Give {aliases[0]} its own module (e.g. "
                 f"copy.deepcopy), or adapt a model where each layer is registered once."
             )
-        ctx = site_init(base, variant, calibration=states.get(path), loading=loading)
-        _call_variant(variant, "check", path, lambda: variant.check(ctx))
-        require_bounded_rank(variant, ctx)
-        tensors = _call_variant(variant, "init", path, lambda: variant.init(ctx))
-        _check_init(variant, path, ctx, tensors)
-        if ctx.new_weight is not None:
-            tied = [n for n in owners.get(id(base.weight), []) if n != f"{path}.weight"]
-            if tied:
-                raise TiedWeightError(
-                    f"{variant.name} rewrites the base weight of {path}, which is shared with {tied[0]}; "
-                    f"changing it would silently change {tied[0]} too. Untie them first "
-                    f"(e.g. model.{path}.weight = torch.nn.Parameter(model.{path}.weight.detach().clone()) "
-                    "and config.tie_word_embeddings = False), or leave this module out of `where`."
-                )
-        staged = txn.stage(base, variant, ctx, tensors)
-        if fill is not None:
-            fill(path, staged.site)
-        elif not loading and variant.identity_tol is not None and base.weight.device.type != "meta":
-            _probe_identity(scope, staged, base, ctx)
+        if base.site is not None and base.site.replaced_base:
+            raise _no_stack(scope, path, base.site.variant, next(iter(named)))
+        parts, ctx = [], None
+        for name, variant in named.items():
+            ctx = site_init(base, variant, calibration=states.get(path), loading=loading)
+            _call_variant(variant, "check", path, lambda: variant.check(ctx))
+            require_bounded_rank(variant, ctx)
+            tensors = _call_variant(variant, "init", path, lambda: variant.init(ctx))
+            _check_init(variant, path, ctx, tensors)
+            if ctx.new_weight is not None:
+                if base.site is not None or len(named) > 1:
+                    raise _no_stack(scope, path, variant, name)
+                tied = [n for n in owners.get(id(base.weight), []) if n != f"{path}.weight"]
+                if tied:
+                    raise TiedWeightError(
+                        f"{variant.name} rewrites the base weight of {path}, which is shared with {tied[0]}; "
+                        f"changing it would silently change {tied[0]} too. Untie them first "
+                        f"(e.g. model.{path}.weight = torch.nn.Parameter(model.{path}.weight.detach().clone()) "
+                        "and config.tie_word_embeddings = False), or leave this module out of `where`."
+                    )
+            if parts and ctx.dtype != parts[0][2]:
+                raise _dtype_clash(path, name, ctx.dtype, parts[0][0], parts[0][1].variant, parts[0][2])
+            parts.append((name, Part(name, variant, tensors, active=(path, name) not in inactive), ctx.dtype))
+        kept = kept_parts(base.site, ctx.dtype, next(iter(named)))
+        staged = txn.stage(base, kept + [p for _, p, _ in parts], ctx)
+        for name, _, _ in parts:
+            if fill is not None:
+                fill(path, staged.site.adapter(name))
+            elif not loading and named[name].identity_tol is not None and base.weight.device.type != "meta":
+                _probe_identity(scope, staged, base, ctx, name)
     _commit(scope, txn)
     hf.attach(scope.model)
     return {p: st.site for p, st in txn.staged.items()}
+
+
+def _dtype_clash(path: str, adding: str, dtype: torch.dtype, other: str, variant: Variant,
+                 have: torch.dtype) -> ConfigError:
+    return ConfigError(
+        f"cannot add adapter {adding!r} at {path}: its tensors would be {_dt(dtype)} while adapter {other!r} there "
+        f"({variant.short()}) has {_dt(have)}, and the adapters of one site run in one dtype. Give the new variant "
+        "the same dtype= (or leave both at None)."
+    )
+
+
+def kept_parts(site: SiteAPI | None, dtype: torch.dtype | None = None, adding: str = "") -> list[Part]:
+    """The adapters already at a site, as parts of a new build of it (their live tensors, modules and strength)."""
+    if site is None:
+        return []
+    parts = []
+    for n in site.names:
+        view = site.adapter(n)
+        tensors = view.adapter_tensors()
+        have = next((t.dtype for t in tensors.values() if t.is_floating_point()), dtype)
+        if dtype is not None and have != dtype:
+            raise _dtype_clash(site.path, adding, dtype, n, view.variant, have)
+        slot = site._slot(n)
+        modules = {m: getattr(slot, m) for m in view.variant.modules()}
+        parts.append(Part(n, view.variant, tensors, active=n in site.active, modules=modules,
+                          scale=slot._buffers[SCALE]))
+    return parts
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _no_stack(scope: Scope, path: str, variant: Variant, name: str) -> ConfigError:
+    return ConfigError(
+        f"cannot add adapter {name!r} at {path}: {variant.short()} replaces the base weight there (by its residual), "
+        "so another adapter on the same site would add to the residual's output instead of the base's. "
+        f"A replacing variant must be a site's only adapter: merge it first (surgery.merge({call_arg(scope)})), or "
+        "adapt other modules."
+    )
 
 
 def _check_init(variant: Variant, path: str, ctx: SiteInit, tensors: Any) -> None:
@@ -219,14 +295,23 @@ def _check_init(variant: Variant, path: str, ctx: SiteInit, tensors: Any) -> Non
         )
 
 
-def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit) -> None:
-    """The staged site on random rows against the original base output."""
+def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit, name: str) -> None:
+    """The staged site on random rows against its output without the new adapter: the original base output,
+    or, beside other active adapters, the same site with the new adapter's strength at 0 (which drops its
+    term exactly)."""
     w = base.weight
     # one random row: a nonzero change of the output shows on it almost surely, and a single row runs as a
     # matrix-vector product, about three times cheaper than a few rows on a large weight
     x = torch.randn(1, ctx.d_in, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         got, ref = staged.probe(x)
+        if len(staged.site.active) > 1:
+            c = staged.site.adapter(name).scale_buffer
+            c.fill_(0)
+            try:
+                ref = staged.probe(x)[0]
+            finally:
+                c.fill_(1)
         if ref is None:
             ref = torch.nn.functional.linear(x, linear_weight(w, base.layout), base.bias)
         if not torch.isfinite(ref).all():  # not the variant's fault: say so instead of blaming its init
@@ -234,7 +319,7 @@ def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit) -> 
                 f"the base weight or bias of {base.path} holds NaN or Inf, so no adapter there can start as the "
                 f"identity. Fix or reload the base checkpoint; the {scope.noun} was left unchanged."
             )
-    require_identity(staged.site.variant, base.path, got, ref, scope.noun)
+    require_identity(staged.site.adapter(name).variant, base.path, got, ref, scope.noun)
 
 
 def require_identity(variant: Variant, path: str, got: torch.Tensor, ref: torch.Tensor, owner: str) -> None:
@@ -257,13 +342,14 @@ def require_identity(variant: Variant, path: str, got: torch.Tensor, ref: torch.
 
 
 def _commit(scope: Scope, txn: Txn) -> None:
-    """Put the staged sites in, freeze the base, train the adapters; undo all of it on failure."""
+    """Put the staged sites in, freeze the base, train the active adapters of the staged sites (and freeze
+    their inactive ones); undo all of it on failure."""
     model, staged = scope.model, txn.staged
     first = scope.get_flags() is None
     if first:
         scope.set_flags({n: p.requires_grad for n, p in model.named_parameters()})
     flags_now = [(p, p.requires_grad) for p in model.parameters()]
-    # earlier sites' adapter tensors keep their flags: a second rewrite must not freeze the first
+    # other sites' adapter tensors keep their flags: a second rewrite must not freeze the first
     earlier = {id(t) for s in scope.sites().values() for t in s.adapter_tensors().values()}
     committed = False
     try:
@@ -273,12 +359,19 @@ def _commit(scope: Scope, txn: Txn) -> None:
             if id(p) not in earlier:
                 p.requires_grad_(False)
         for st in staged.values():
-            for t in st.site.adapter_tensors().values():
-                if isinstance(t, nn.Parameter):
-                    t.requires_grad_(True)
+            for n in st.site.names:
+                for t in st.site.adapter(n).adapter_tensors().values():
+                    if isinstance(t, nn.Parameter):
+                        t.requires_grad_(n in st.site.active)
+        # a single active adapter runs without a blend until its strength leaves 1
+        blend = [p for p, st in staged.items() if len(st.site.active) == 1 and not st.site.record.gated
+                 and not st.site.adapter(st.site.active[0]).variant.steered
+                 and st.site.adapter(st.site.active[0]).scale != 1]
+        if blend:
+            scope.gate(blend)
     except BaseException:
         if committed:
-            scope.remove(list(staged))
+            scope.uncommit(txn)
         for p, flag in flags_now:
             p.requires_grad_(flag)
         if first:
@@ -295,7 +388,7 @@ def all_sites(scope: Scope) -> dict[str, SiteAPI]:
         raise NotRewrittenError(
             f"the {scope.noun} has no sites (nothing was rewritten or loaded into it), so there is no adapter to "
             "merge, restore, save, export, switch off or scale. "
-            f"Call surgery.rewrite({_arg(scope)}, variant, where) first."
+            f"Call surgery.rewrite({call_arg(scope)}, variant, where) first."
         )
     return sites
 
@@ -313,6 +406,34 @@ def _restore_flags(scope: Scope, originals: dict[str, nn.Parameter]) -> None:
 
 def _originals(sites: dict[str, SiteAPI]) -> dict[str, nn.Parameter]:
     return {f"{p}.{n}": t for p, s in sites.items() for n, t in s.record.original.named_parameters()}
+
+
+def rebuild(scope: Scope, changes: dict[str, list[Part]]) -> None:
+    """Build sites again from the given parts (adapters kept, dropped, switched on or off), all or nothing."""
+    sites = scope.sites()
+    txn = scope.begin(rebuild=list(changes))
+    for path, parts in changes.items():
+        base = scope.base(path)
+        w = base.weight
+        dtype = next((t.dtype for p in parts for t in p.tensors.values() if t.is_floating_point()), w.dtype)
+        ctx = SiteInit(path=path, d_in=sites[path].d_in, d_out=sites[path].d_out, weight=None, bias=None,
+                       dtype=dtype, device=w.device)
+        txn.stage(base, parts, ctx)
+    _commit(scope, txn)
+
+
+def drop(scope: Scope, paths: list[str]) -> None:
+    """Take some sites out, giving back their original modules and the flags those had before the first rewrite."""
+    sites = scope.sites()
+    originals = _originals({p: sites[p] for p in paths})
+    scope.remove(paths)
+    flags = scope.get_flags() or {}
+    for n, p in originals.items():
+        if n in flags:
+            p.requires_grad_(flags[n])
+    if not scope.sites():
+        hf.detach(scope.model)
+        _restore_flags(scope, {})
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -387,7 +508,7 @@ def _fold_checked(scope: Scope, site: SiteAPI) -> tuple[torch.Tensor, torch.Tens
     if bad:
         raise NonFiniteError(
             f"cannot merge {path}: NaN or Inf in {', '.join(sorted(set(bad)))} ({v.short()}). The {scope.noun} was "
-            f"left unchanged; check the learning rate or the loss, or surgery.restore({_arg(scope)})."
+            f"left unchanged; check the learning rate or the loss, or surgery.restore({call_arg(scope)})."
         )
     return W, b
 
@@ -423,7 +544,7 @@ def require_finite(scope: Scope, sites: dict[str, SiteAPI], verb: str,
             raise NonFiniteError(
                 f"cannot {verb} {path}: NaN or Inf in {', '.join(sorted(bad))} ({site.variant.short()}); the file "
                 f"would load as NaN outputs. Nothing was written; check the learning rate or the loss, or "
-                f"surgery.restore({_arg(scope)})."
+                f"surgery.restore({call_arg(scope)})."
             )
 
 
@@ -471,12 +592,16 @@ def check_ranks(plan: dict[str, Variant], shapes: dict[str, list[tuple[int, ...]
             )
 
 
-def check_targets(scope: Scope, targets: dict[str, tuple[int, int] | None], source: str) -> None:
-    """Each path a file adapts must be an untouched adaptable layer of this model with the saved shape."""
-    cands, sites, ok = scope.candidates(), scope.sites(), scope.adaptable()
+def check_targets(scope: Scope, targets: dict[str, tuple[int, int] | None], source: str,
+                  names: dict[str, list[str]] | None = None) -> None:
+    """Each path a file adapts must be an adaptable layer of this model with the saved shape, without an
+    adapter of the name it brings (``names[path]``, default "default")."""
+    cands, sites = scope.candidates(), scope.sites()
+    ok = scope.adaptable() | set(sites)
     for p, want in targets.items():
-        if p in sites:
-            raise already_rewritten(scope, p)
+        clash = [n for n in (names or {}).get(p, [DEFAULT]) if p in sites and n in sites[p].record.adapters]
+        if clash:
+            raise already_rewritten(scope, p, clash[0])
         if p not in cands:
             # on a prefix: difflib is quadratic, and a file may name a path of millions of characters
             close = difflib.get_close_matches(p[:4 * SHOWN], list(cands), n=2, cutoff=0.0)

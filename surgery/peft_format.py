@@ -41,8 +41,9 @@ from torch import nn
 
 from .errors import AdapterFileError, ConfigError, PeftFormatError, clip
 from .io import atomic_write_all, decode, read_bytes, read_header
-from .ops import all_sites, check_ranks, check_targets, fill_value, install, require_finite, require_unsharded
-from .scope import scope_of
+from .ops import all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite, require_unsharded
+from .splice import DEFAULT
+from .scope import Scope, scope_of
 from .site import SiteAPI
 from .site import dims, linear_weight
 from .variant import REGISTRY
@@ -224,16 +225,39 @@ def _most_common(values: dict[str, Any]) -> Any:
     return max(counts, key=lambda v: (counts[v], -list(values.values()).index(v)))
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's adapter in PEFT 0.21's format; returns the directory.
+def export_peft(model: nn.Module, directory: str | os.PathLike, *, name: str | None = None) -> Path:
+    """Write the model's adapters (or only adapter ``name``) in PEFT 0.21's format; returns the directory.
 
-    ``peft.PeftModel.from_pretrained(original_base, directory)`` then reproduces this model.
-    Both files are written atomically (temporary file + rename), tensors first.
+    As PEFT's ``save_pretrained`` lays them out: the adapter "default" (or the one asked for, or a model's
+    only adapter) in ``directory``, any other in ``directory/<name>``. ``peft.PeftModel.from_pretrained(
+    original_base, directory)`` then reproduces this model's default adapter, and ``load_adapter(
+    directory/<name>, adapter_name=<name>)`` adds the others. All files are written atomically (temporary
+    files + renames), tensors first.
     """
     scope = scope_of(model)
     sites = all_sites(scope)
     require_unsharded(scope, sites, "export")
-    require_finite(scope, sites, "export")
+    names = list(dict.fromkeys(n for s in sites.values() for n in s.names))
+    if name is not None and name not in names:
+        raise ConfigError(f"cannot export adapter {name!r}: this {scope.noun} has none of that name; its adapters are {names}.")
+    chosen = [name] if name is not None else names
+    directory = Path(directory)
+    writes = {}
+    for n in chosen:
+        where = directory if len(chosen) == 1 or n == DEFAULT else directory / n
+        views = {p: s.adapter(n) for p, s in sites.items() if n in s.names}
+        require_finite(scope, views, "export")
+        config, tensors = _peft_files(model, scope, views)
+        where.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(config, indent=2, sort_keys=True)
+        writes[where / WEIGHTS_NAME] = lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": "pt"})
+        writes[where / CONFIG_NAME] = lambda tmp, text=text: Path(tmp).write_text(text + "\n")
+    atomic_write_all(writes)  # every file written before any replaces its old one: a failure leaves the old set
+    return directory
+
+
+def _peft_files(model: nn.Module, scope: Scope, sites: dict[str, SiteAPI]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's config and tensors for one adapter (``sites``: its view at each path)."""
     parts = {p: _exporter(s)(s) for p, s in sites.items()}
     types = {p: part.peft_type for p, part in parts.items()}
     if len(set(types.values())) > 1:
@@ -287,14 +311,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         config["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
     tensors = {f"{PREFIX}{p}.{k}": t.to("cpu").contiguous() for p, part in parts.items() for k, t in part.tensors.items()}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write_all({  # both written before either replaces its old file: a failure leaves the old pair
-        directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text + "\n"),
-    })
-    return directory
+    return config, tensors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,8 +472,10 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, decode(path, data)
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Rewrite ``model`` (a fresh base) with the PEFT adapter saved in ``directory``; returns ``model``."""
+def import_peft(model: nn.Module, directory: str | os.PathLike, *, name: str = DEFAULT) -> nn.Module:
+    """Add the PEFT adapter saved in ``directory`` to ``model`` (a fresh base, or one whose sites have no
+    adapter ``name``) as adapter ``name``; returns ``model``."""
+    check_name(name)
     directory = Path(directory)
     config = read_peft_config(directory)
     peft_type = config["peft_type"]
@@ -464,8 +483,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     known = _KEYS[peft_type]
     by_path: dict[str, dict[str, str]] = {}
     for key in sorted(tensors):
-        name = key.removeprefix(PREFIX)
-        suffix = next((s for s in known if name.endswith("." + s)), None)
+        short = key.removeprefix(PREFIX)
+        suffix = next((s for s in known if short.endswith("." + s)), None)
         if not key.startswith(PREFIX) or suffix is None:
             raise PeftFormatError(
                 f"{weights}: tensor {clip(key)!r} is not a {peft_type} adapter tensor of the form "
@@ -474,12 +493,12 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             )
         if suffix == "lora_B.bias":
             raise PeftFormatError(f"{weights}: {clip(key)} is a LoRA bias (lora_bias=true), which import_peft does not support.")
-        by_path.setdefault(name[: -len(suffix) - 1], {})[suffix] = key
+        by_path.setdefault(short[: -len(suffix) - 1], {})[suffix] = key
     if not by_path:
         raise AdapterFileError(f"{weights} holds no adapter tensors.")
 
     scope = scope_of(model)
-    check_targets(scope, dict.fromkeys(by_path), str(directory))
+    check_targets(scope, dict.fromkeys(by_path), str(directory), dict.fromkeys(by_path, [name]))
     plan, names = {}, {}
     for path, found in by_path.items():
         base = scope.base(path)
@@ -508,5 +527,5 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 raise AdapterFileError(f"{weights} has no tensor for {path}.{ours} ({site.variant.short()}).")
             fill_value(str(weights), key, tensors[key], t, site, squeeze=True)
 
-    install(scope, plan, loading=True, fill=fill)
+    install(scope, {p: {name: v} for p, v in plan.items()}, loading=True, fill=fill)
     return model

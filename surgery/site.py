@@ -16,7 +16,8 @@ module, the original weight where the variant replaced it) and get their behavio
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -24,6 +25,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _WrappedCall
 
+from .errors import ConfigError
+from .splice import ADAPTERS, DEFAULT, Stack, slot_prefix
 from .variant import SiteInfo, Variant
 
 try:  # GPT-2's Conv1D: an nn.Linear with the weight stored transposed, (d_in, d_out)
@@ -83,17 +86,32 @@ def stored_weight(w: torch.Tensor, lay: str) -> torch.Tensor:
     return w if lay == "linear" else w.t()
 
 
+_ORDER = itertools.count()  # adapters are listed in the order they were added, across sites and calls
+
+
+@dataclass
+class Adapter:
+    """One named adapter at one site."""
+
+    variant: Variant
+    # the runtime strength c, also held by the adapter's 0-d buffer ``surgery_scale`` for the forward; folds read
+    # this one (a buffer made on the meta device holds garbage after model.to_empty())
+    scale: float = 1.0
+    order: int = field(default_factory=lambda: next(_ORDER))
+
+
 @dataclass
 class SiteRecord:
     """What the engine keeps about one site, in both scopes."""
 
     path: str
-    variant: Variant
     layout: str  # storage layout of the base weight: 'linear' or 'conv1d'
     base_class: str
     d_in: int
     d_out: int
     original: nn.Module  # the module at ``path`` before the rewrite; restore puts it back
+    adapters: dict[str, Adapter]  # by name, in the order they were added
+    active: tuple[str, ...]  # the adapters the forward runs, in that order
     # the variant replaced the base weight (PiSSA's residual); the original is kept on the site's module as the
     # non-persistent buffer ``surgery_base_weight`` (storage layout), so that it follows model.to(dtype / device)
     replaced: bool = False
@@ -102,10 +120,14 @@ class SiteRecord:
     x: str = ""
     y: str = ""
     out: str = ""
-    gated: bool = False  # a runtime-strength blend follows ``out`` (added by the first set_scale)
-    # the runtime strength c, also held by the site's 0-d buffer ``surgery_scale`` for the forward; folds read
-    # this one (a buffer made on the meta device holds garbage after model.to_empty())
-    scale: float = 1.0
+    # a runtime-strength blend follows ``out`` (added by the first set_scale); a site running several adapters
+    # blends each one inside its forward, and counts as gated
+    gated: bool = False
+
+    @property
+    def running(self) -> Stack:
+        """The variant the site's forward runs: its active adapters."""
+        return Stack(parts=tuple((n, self.adapters[n].variant) for n in self.active))
 
 
 class SiteAPI:
@@ -114,15 +136,47 @@ class SiteAPI:
     record: SiteRecord
 
     def _owner(self) -> nn.Module:
-        """The module holding ``weight``, ``bias`` and the adapter tensors as direct attributes."""
+        """The module holding ``weight``, ``bias`` and the default adapter's tensors as direct attributes."""
         raise NotImplementedError
 
+    def _slot(self, name: str) -> nn.Module:
+        """The module holding adapter ``name``'s tensors, modules and strength as direct attributes."""
+        owner = self._owner()
+        return owner if name == DEFAULT else getattr(getattr(owner, ADAPTERS), name)
+
     path = property(lambda self: self.record.path)
-    variant = property(lambda self: self.record.variant)
     layout = property(lambda self: self.record.layout)
     base_class = property(lambda self: self.record.base_class)
     d_in = property(lambda self: self.record.d_in)
     d_out = property(lambda self: self.record.d_out)
+
+    @property
+    def names(self) -> list[str]:
+        """The adapters at this site, in the order they were added."""
+        return list(self.record.adapters)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self.record.active
+
+    def adapter(self, name: str) -> "AdapterView":
+        """One adapter of this site, with the site's interface (variant, tensors, fold, strength)."""
+        return AdapterView(self, name)
+
+    def _one(self) -> "AdapterView":
+        if len(self.record.adapters) != 1:
+            raise ConfigError(
+                f"the site at {self.path} holds {len(self.record.adapters)} adapters ({', '.join(self.names)}); "
+                "ask one of them: site.adapter(name)."
+            )
+        return self.adapter(self.names[0])
+
+    @property
+    def variant(self) -> Variant:
+        """The variant of a site's only adapter; with several, a ``Stack`` describing them all."""
+        if len(self.record.adapters) == 1:
+            return next(iter(self.record.adapters.values())).variant
+        return Stack(parts=tuple((n, a.variant) for n, a in self.record.adapters.items()))
 
     @property
     def info(self) -> SiteInfo:
@@ -146,27 +200,97 @@ class SiteAPI:
 
     @property
     def scale_buffer(self) -> torch.Tensor:
-        """The 0-d buffer holding the runtime strength c (``surgery.set_scale``): 0 is the base, 1 the adapter."""
-        return self._owner().surgery_scale
+        """The only adapter's 0-d strength buffer (``surgery.set_scale``): 0 is the base, 1 the adapter."""
+        return self._one().scale_buffer
 
     @property
     def scale(self) -> float:
-        return self.record.scale
+        return self._one().scale
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """The variant's tensors on this site (parameters and buffers), by name."""
-        owner, base = self._owner(), {"weight", "bias"}
-        out = {n: p for n, p in owner.named_parameters(recurse=False) if n not in base}
-        constants = owner._non_persistent_buffers_set  # constants traced from a forward, the runtime strength, ...
-        out.update({n: b for n, b in owner.named_buffers(recurse=False) if n not in base and n not in constants})
+        """Every adapter's tensors on this site (parameters and buffers), by their names under the site
+        (``lora_A``; ``adapters.<name>.lora_A`` for an adapter not named "default")."""
+        out = {}
+        for name in self.record.adapters:
+            out.update({slot_prefix(name) + n: t for n, t in self.adapter(name).adapter_tensors().items()})
         return out
 
     def trainable_count(self) -> int:
         return sum(t.numel() for t in self.adapter_tensors().values() if isinstance(t, nn.Parameter) and t.requires_grad)
 
     def fold(self, dtype: torch.dtype | None = None, at: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Merged (W', b') in nn.Linear layout, computed in ``dtype`` (default: float32 or wider), at strength
-        ``at`` (default: the site's current one; files hold the adapter as trained, at 1)."""
+        """Merged (W', b') in nn.Linear layout of the active adapters, each at its strength, computed in
+        ``dtype`` (default: float32 or wider). Several active adapters fold to ``W + sum_i (W'_i - W)``, as
+        their outputs add up: ``y + sum_i (out_i - y)``. ``at`` overrides the strength of a site's only adapter."""
+        active = self.record.active
+        if len(active) == 1:
+            return self.adapter(active[0]).fold(dtype, at)
+        W, b = self.adapter(DEFAULT if DEFAULT in self.record.adapters else self.names[0]).fold(dtype, at=0.0)
+        if not active:
+            return W, b
+        W2 = W.clone()
+        b2 = None if b is None else b.clone()
+        for name in active:
+            Wi, bi = self.adapter(name).fold(dtype)
+            W2 += Wi - W
+            if b2 is not None:
+                b2 += bi - b
+        return W2, b2
+
+    def describe(self) -> str:
+        return f"{self.variant.short()}, in={self.d_in}, out={self.d_out}, base={self.base_class}"
+
+
+def own_tensors(module: nn.Module, skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """A module's own parameters and persistent buffers (not its children's), ``skip`` left out."""
+    out = {n: p for n, p in module.named_parameters(recurse=False) if n not in skip}
+    constants = module._non_persistent_buffers_set  # constants traced from a forward, the runtime strength, ...
+    out.update({n: b for n, b in module.named_buffers(recurse=False) if n not in skip and n not in constants})
+    return out
+
+
+class AdapterView(SiteAPI):
+    """One named adapter of a site, seen as a site of its own: what save, export and inspect write per adapter."""
+
+    def __init__(self, site: SiteAPI, name: str):
+        if name not in site.record.adapters:
+            raise KeyError(name)
+        self.site, self.name, self.record = site, name, site.record
+
+    def _owner(self) -> nn.Module:
+        return self.site._owner()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._owner().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._owner().bias
+
+    @property
+    def variant(self) -> Variant:
+        return self.record.adapters[self.name].variant
+
+    @property
+    def scale(self) -> float:
+        return self.record.adapters[self.name].scale
+
+    @property
+    def scale_buffer(self) -> torch.Tensor:
+        return self._slot(self.name).surgery_scale
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """This adapter's tensors by the names its variant gives them (``lora_A``)."""
+        return own_tensors(self._slot(self.name), frozenset({"weight", "bias"}) if self.name == DEFAULT else frozenset())
+
+    def fold(self, dtype: torch.dtype | None = None, at: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', b') of this adapter alone on the base, at strength ``at`` (default: its current one; files hold
+        the adapter as trained, at 1)."""
         scale = self.scale if at is None else at
         owner = self._owner()
         w = owner.weight
@@ -177,6 +301,8 @@ class SiteAPI:
         t = SimpleNamespace(site=self.info, surgery_scale=c,
                             **{n: v.detach().to(dt) for n, v in self.adapter_tensors().items()})
         with torch.no_grad():
+            if scale == 0 and not self.replaced_base:
+                return W, b
             W2, b2 = self.variant.fold(W, b, t)
             if self.variant.steered or scale == 1:
                 return W2, b2
@@ -185,8 +311,8 @@ class SiteAPI:
                 return base, b
             return base + c * (W2 - base), (None if b2 is None else b + c * (b2 - b))
 
-    def describe(self) -> str:
-        return f"{self.variant.short()}, in={self.d_in}, out={self.d_out}, base={self.base_class}"
+    def __repr__(self) -> str:
+        return f"Adapter({self.name!r} at {self.path}: {self.describe()})"
 
 
 COMPILED = "_surgery_compiled"  # on a copied site graph: the compiled forward of the graph it was copied from
@@ -230,9 +356,14 @@ class Site(fx.GraphModule, SiteAPI):
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
-        for name, value in self._parameters.items():  # GraphModule's copy drops a None bias
-            if value is None:
-                res.register_parameter(name, None)
+        # GraphModule's copy keeps only what the graph reads (not a None bias, an unread strength buffer, the
+        # tensors of inactive adapters) and gives dotted targets fresh containers: put back the copies of all
+        # of them (the memo hands out the very copies made for the rest of the module)
+        for table in ("_parameters", "_buffers"):
+            for name, value in getattr(self, table).items():
+                if name not in getattr(res, table):
+                    getattr(res, table)[name] = copy.deepcopy(value, memo)
+        res._modules.update({n: copy.deepcopy(m, memo) for n, m in self._modules.items()})
         res.__dict__["record"] = copy.deepcopy(self.record, memo)
         res._non_persistent_buffers_set = set(self._non_persistent_buffers_set)  # GraphModule's copy drops it
         return res

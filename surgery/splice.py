@@ -25,6 +25,14 @@ from .variant import SiteInfo, Variant
 _ASSERT_IS_NONE = fx._symbolic_trace._assert_is_none  # fx's guard for a concrete None bias: bookkeeping
 SCALE = "surgery_scale"  # the runtime strength c on each site's module: a 0-d, non-persistent buffer
 BASE_WEIGHT = "surgery_base_weight"  # the original weight of a site whose variant replaced it (storage layout)
+DEFAULT = "default"  # the adapter name a rewrite gives unless told otherwise
+ADAPTERS = "adapters"  # the submodule of a site holding its named adapters other than "default"
+
+
+def slot_prefix(name: str) -> str:
+    """Where adapter ``name``'s tensors sit on a site's module: "default" directly (``k_proj.lora_A``, the
+    names files and PEFT exports have always used), any other under ``adapters.<name>``."""
+    return "" if name == DEFAULT else f"{ADAPTERS}.{name}."
 
 
 def compute_dtype(adapter: torch.Tensor, x: torch.Tensor) -> torch.dtype:
@@ -43,23 +51,20 @@ class _Holder(nn.Module):
                  site: SiteInfo, cast: bool):
         super().__init__()
         for name, t in tensors.items():
-            if isinstance(t, nn.Parameter):
-                self.register_parameter(name, t)
-            else:
-                self.register_buffer(name, t)
+            put(self, name, t)
         for name, m in modules.items():
-            self.add_module(name, m)
+            put(self, name, m)
         self.__dict__["_variant"] = variant
         self.__dict__["site"] = site  # static facts a forward may branch on at trace time
         # adapters in another dtype than the base (float32 on a bf16 model): casts in and out, by the dtypes seen at
         # run time, so that they stay right after model.float() / .bfloat16(); none where the dtypes agree, since
         # model.to(dtype) keeps them agreeing
-        self.__dict__["_ref"] = next((n for n in tensors if n != SCALE), None) if cast else None
+        self.__dict__["_ref"] = next((n for n in tensors if not n.endswith(SCALE)), None) if cast else None
 
     def forward(self, x, y, weight, bias):
         if self._ref is None:
             return self._variant.forward(x, y, weight, bias, self)
-        dt = compute_dtype(getattr(self, self._ref), x)
+        dt = compute_dtype(_fetch(self, self._ref), x)
         out = self._variant.forward(x.to(dt), y.to(dt), weight.to(dt), None if bias is None else bias.to(dt), self)
         return out.to(x.dtype) if isinstance(out, fx.Proxy) else out  # anything else: trace_variant names it
 
@@ -170,10 +175,10 @@ def trace_variant(variant: Variant, tensors: dict[str, torch.Tensor], modules: d
     for node in reversed(graph.nodes):  # the casts of inputs a variant never reads (y, for one that recomputes it)
         if node.op == "call_method" and node.target == "to" and not node.users:
             graph.erase_node(node)
-    known = set(tensors) | set(modules)
     constants = {}
     for node in graph.nodes:
-        if node.op == "get_attr" and node.target.split(".")[0] not in known:
+        if node.op == "get_attr" and node.target not in tensors and not node.target.startswith(
+                tuple(m + "." for m in modules)):
             value = _fetch(holder, node.target)
             if not isinstance(value, torch.Tensor):
                 raise VariantContractError(
@@ -191,17 +196,111 @@ def trace_variant(variant: Variant, tensors: dict[str, torch.Tensor], modules: d
     return VariantGraph(graph, constants)
 
 
-def attach(module: nn.Module, variant: Variant, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
-    """Register a variant's tensors (``frozen`` ones as buffers) and modules on ``module``."""
-    for name, t in tensors.items():
-        if name in variant.frozen:
-            module.register_buffer(name, t)
-        else:
-            module.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
-    modules = variant.modules()
-    for name, m in modules.items():
-        module.add_module(name, m)
-    return modules
+def put(root: nn.Module, name: str, value: torch.Tensor | nn.Module, persistent: bool = True) -> None:
+    """Register a tensor (a Parameter as a parameter, anything else as a buffer) or module under a dotted
+    ``name``, making plain container modules for the levels that are not there yet."""
+    *parents, leaf = name.split(".")
+    for p in parents:
+        if p not in root._modules:
+            root.add_module(p, nn.Module())
+        root = root._modules[p]
+    if isinstance(value, nn.Module):
+        root.add_module(leaf, value)
+    elif isinstance(value, nn.Parameter):
+        root.register_parameter(leaf, value)
+    else:
+        root.register_buffer(leaf, value, persistent=persistent)
+
+
+@dataclass
+class Part:
+    """One named adapter going into a site: new (tensors from ``init``) or already there (its live tensors,
+    modules and strength buffer, so an optimizer holding them goes on training the same objects)."""
+
+    name: str
+    variant: Variant
+    tensors: dict[str, torch.Tensor]
+    active: bool = True
+    modules: dict[str, nn.Module] | None = None  # None: the variant's modules(), made now
+    scale: torch.Tensor | None = None  # None: a new strength buffer at 1
+
+    def place(self, root: nn.Module, like: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+        """Register the part on a site's module (``frozen`` tensors as buffers, the rest as parameters); returns
+        its tensors (with its strength buffer) and modules by their names under ``root``."""
+        prefix = slot_prefix(self.name)
+        tensors: dict[str, torch.Tensor] = {}
+        for n, t in self.tensors.items():
+            if n not in self.variant.frozen and not isinstance(t, nn.Parameter):
+                t = nn.Parameter(t)
+            put(root, prefix + n, t)
+            tensors[prefix + n] = t
+        if self.modules is None:
+            self.modules = self.variant.modules()
+        for n, m in self.modules.items():
+            put(root, prefix + n, m)
+        if self.scale is None:
+            self.scale = new_scale(like)
+        put(root, prefix + SCALE, self.scale, persistent=False)
+        tensors[prefix + SCALE] = self.scale
+        return tensors, {prefix + n: m for n, m in self.modules.items()}
+
+
+def place(root: nn.Module, parts: list[Part], like: torch.Tensor) -> tuple["Stack", dict[str, torch.Tensor],
+                                                                          dict[str, nn.Module]]:
+    """Register every part on ``root``; returns the variant the site's forward runs (its active parts) and
+    all tensors and modules by name."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, nn.Module] = {}
+    for part in parts:
+        t, m = part.place(root, like)
+        tensors.update(t)
+        modules.update(m)
+    return Stack(parts=tuple((p.name, p.variant) for p in parts if p.active)), tensors, modules
+
+
+class _Slot:
+    """A named adapter's module seen by its variant's forward as ``t``: its own tensors and strength, and the
+    site's static facts as ``t.site``."""
+
+    def __init__(self, module: nn.Module, site: Any):
+        self.__dict__.update(_module=module, site=site)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+@dataclass(frozen=True)
+class Stack(Variant):
+    """The adapters a site runs, as one forward: a single one exactly as its variant writes it; several as
+    ``y + sum_i (out_i - y)``, each ``out_i`` blended with its own strength c_i (``y + c_i (out_i - y)``), so
+    that strengths change without a retrace. No adapter at all: the base output."""
+
+    parts: tuple[tuple[str, Variant], ...] = ()
+
+    def forward(self, x, y, weight, bias, t):
+        if len(self.parts) == 1:
+            name, v = self.parts[0]
+            return v.forward(x, y, weight, bias, _view(t, name))
+        out = y
+        for name, v in self.parts:
+            tv = _view(t, name)
+            o = v.forward(x, y, weight, bias, tv)
+            if not v.steered:
+                o = blend(y, o, tv.surgery_scale)
+            out = out + (o - y)
+        return out
+
+    def trace_key(self, site: SiteInfo) -> Hashable:
+        return tuple(v.trace_key(site) for _, v in self.parts)
+
+    def short(self) -> str:
+        if len(self.parts) == 1:
+            return self.parts[0][1].short()
+        return " + ".join(f"{name}: {v.short()}" for name, v in self.parts) or "no active adapter"
+
+
+def _view(t: Any, name: str) -> Any:
+    return t if name == DEFAULT else _Slot(getattr(getattr(t, ADAPTERS), name), t.site)
 
 
 def add_constants(module: nn.Module, vg: VariantGraph) -> None:
@@ -221,7 +320,7 @@ def blend(y: torch.Tensor, out: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def add_gate(graph: fx.Graph, *, x: str, y: str, out: str, layout: str, has_bias: bool, replaced: bool,
-             prefix: str, meta: dict[str, Any]) -> str:
+             prefix: str, scale: str, meta: dict[str, Any]) -> str:
     """Insert ``blend(base output, adapted output, c)`` after ``out`` and route ``out``'s users to it.
 
     The base output is the graph's own ``y`` where it is still there and unchanged, else it is
@@ -248,7 +347,7 @@ def add_gate(graph: fx.Graph, *, x: str, y: str, out: str, layout: str, has_bias
             w = add("call_method", "t", (w,))
         b = add("get_attr", prefix + "bias") if has_bias else None
         base = add("call_function", torch.nn.functional.linear, (nodes[x], w, b))
-    c = add("get_attr", prefix + SCALE)
+    c = add("get_attr", prefix + scale)
     gate = add("call_function", blend, (base, nodes[out], c))
     keep = set(new)
     nodes[out].replace_all_uses_with(gate, delete_user_cb=lambda user: user not in keep)

@@ -66,8 +66,47 @@ def main(out: str) -> None:
     with torch.no_grad():
         result["reload_max_diff"] = (bare(probe) - y).abs().max().item()
     result["trained"] = any(s.lora_B.abs().sum().item() > 0 for s in surgery.sites(bare).values())
-    print(json.dumps(result), flush=True)
+    result.update(ddp(out, rank))
+    for r in range(dist.get_world_size()):  # one rank at a time, so the two JSON lines never interleave
+        if r == rank:
+            print(json.dumps(result), flush=True)
+        dist.barrier()
     dist.destroy_process_group()
+
+
+def spread(t: torch.Tensor) -> float:
+    """The largest difference between this tensor on any two ranks (0 when every rank holds the same)."""
+    hi, lo = t.detach().clone(), t.detach().clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return (hi - lo).abs().max().item()
+
+
+def ddp(out: str, rank: int) -> dict:
+    """DDP around a rewritten model: each rank trains on its own batch, the adapters stay equal across ranks,
+    and a file saved through the wrapper (rank 0) loads on a bare base with the wrapped model's outputs."""
+    model = toy()
+    surgery.rewrite(model, LoRA(r=4), "*")
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.5)
+    for step in range(2):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(10 * rank + step))
+        opt.zero_grad()
+        wrapped(x).square().mean().backward()
+        opt.step()
+    tensors = torch.cat([t.flatten() for s in surgery.sites(wrapped).values() for t in s.adapter_tensors().values()])
+    if rank == 0:
+        surgery.save(wrapped, f"{out}/ddp.safetensors")
+    dist.barrier()
+    probe = torch.randn(3, 16, generator=torch.Generator().manual_seed(9))
+    bare = toy()
+    surgery.load(bare, f"{out}/ddp.safetensors")
+    with torch.no_grad():
+        diff = (bare(probe) - wrapped(probe)).abs().max().item()
+    del wrapped, opt  # DDP's reducer threads must be gone before the process group is
+    gc.collect()
+    dist.barrier()
+    return {"ddp_spread": spread(tensors), "ddp_moved": tensors.abs().max().item() > 0, "ddp_reload_max_diff": diff}
 
 
 if __name__ == "__main__":

@@ -463,7 +463,7 @@ CASES = [
     Bad("road-group-not-dividing", fresh, lambda m, t, s: surgery.rewrite(m, variant("ROAD", group_size=4), ["*_proj", "head"]), E.ConfigError, ("group_size=4", "d_out=6", "head", "group_size=2")),
     Bad("check-fails-at-fifth-site", fresh, rw(FailsCheckAtFifth(r=2), "*_proj"), E.ConfigError, (FIFTH,)),
     Bad("identity-broken-at-fifth-site", fresh, rw(BrokenIdentityAtFifth(r=2), "*_proj"), E.IdentityError, (FIFTH, "identity", "left unchanged")),
-    Bad("already-rewritten", with_sites, rw(LoRA(r=4), "*.k_proj"), E.AlreadyRewrittenError, ("already rewritten", "LoRA(r=2)", f"surgery.restore({ARG})")),
+    Bad("already-rewritten", with_sites, rw(LoRA(r=4), "*.k_proj"), E.AlreadyRewrittenError, ("already has an adapter named 'default'", "LoRA(r=2)", f"surgery.delete({ARG}, 'default')", "name=")),
     Bad("second-rewrite-fails-half-way", on_head, rw(BrokenIdentityAtFifth(r=2), "*_proj"), E.IdentityError, (FIFTH,)),
     # --- calibration (EVA) ---
     Bad("eva-no-calibration", fresh, lambda m, t, s: surgery.rewrite(m, variant("EVA", r=2), "*_proj"), E.CalibrationError, ("needs calibration data", "calibration=batches")),
@@ -508,7 +508,7 @@ CASES = [
     Bad("load-fewer-layers", lambda t, s: scoped_toy(s, layers=2), lambda m, t, s: surgery.load(m, saved(t, s)), E.BaseMismatchError, ("layers.2.k_proj", "does not have", "closest")),
     Bad("load-other-paths", lambda t, s: scoped(s, nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6))), lambda m, t, s: surgery.load(m, saved(t, s)), E.BaseMismatchError, ("another base", "layers.0.k_proj")),
     Bad("load-path-is-a-layernorm", lambda t, s: scoped(s, swap_norm(toy())), lambda m, t, s: surgery.load(m, saved(t, s)), E.BaseMismatchError, ("LayerNorm", "not a linear layer")),
-    Bad("load-onto-rewritten", with_sites, lambda m, t, s: surgery.load(m, saved(t, s)), E.AlreadyRewrittenError, ("already rewritten", "fresh base")),
+    Bad("load-onto-rewritten", with_sites, lambda m, t, s: surgery.load(m, saved(t, s)), E.AlreadyRewrittenError, ("already has an adapter named 'default'", f"surgery.delete({ARG}, 'default')")),
     Bad("load-missing-tensor", fresh, lambda m, t, s: surgery.load(m, rewrite_file(saved(t, s), drop=[f"{FIFTH}.lora_B"])), E.AdapterFileError, (f"{FIFTH}.lora_B", "incomplete")),
     Bad("load-tensor-wrong-shape", fresh, lambda m, t, s: surgery.load(m, rewrite_file(saved(t, s), tensors={f"{FIFTH}.lora_A": torch.zeros(3, 8)})), E.BaseMismatchError, (f"{FIFTH}.lora_A", "(3, 8)", "(2, 8)")),
     Bad("load-second-adapter-fails-half-way", on_head, lambda m, t, s: surgery.load(m, rewrite_file(saved(t, s, adapted(scope=s), "b.safetensors"), drop=[f"{FIFTH}.lora_B"])), E.AdapterFileError, (f"{FIFTH}.lora_B",)),
@@ -522,7 +522,7 @@ CASES = [
     Bad("peft-second-install-fails-half-way", on_head, lambda m, t, s: surgery.import_peft(m, peft_dir(t, tensors={f"{FIFTH}.lora_B.weight": torch.zeros(8, 3)})), E.BaseMismatchError, (f"{FIFTH}.lora_B.weight", "(8, 3)")),
     Bad("peft-second-install-missing-tensor", on_head, lambda m, t, s: surgery.import_peft(m, peft_dir(t, drop=[f"{FIFTH}.lora_B.weight"])), E.AdapterFileError, (f"{FIFTH}.lora_B.weight", "lacks")),
     Bad("peft-export-tampered-fails-half-way", on_head, lambda m, t, s: surgery.import_peft(m, exported(t, s, tensors={f"{FIFTH}.lora_B.weight": torch.zeros(8, 3)})), E.BaseMismatchError, (f"{FIFTH}.lora_B.weight", "(8, 3)", "(8, 2)")),
-    Bad("peft-onto-rewritten", with_sites, lambda m, t, s: surgery.import_peft(m, peft_dir(t)), E.AlreadyRewrittenError, ("layers.0.k_proj", "already rewritten")),
+    Bad("peft-onto-rewritten", with_sites, lambda m, t, s: surgery.import_peft(m, peft_dir(t)), E.AlreadyRewrittenError, ("layers.0.k_proj", "already has an adapter named 'default'")),
 ]
 
 

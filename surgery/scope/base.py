@@ -22,8 +22,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..site import SiteAPI
-from ..variant import SiteInit, Variant
+from ..site import Adapter, SiteAPI, SiteRecord
+from ..splice import Part
+from ..variant import SiteInit
 
 Emit = Callable[[str, torch.Tensor], None]  # (site path, that site's input) for calibration taps
 
@@ -35,7 +36,8 @@ class Base:
     path: str
     layout: str  # storage layout: 'linear' or 'conv1d'
     base_class: str
-    module: nn.Module  # the module at ``path`` (under export: a container of its parameters)
+    module: nn.Module  # the module at ``path`` (under export: a container of its parameters); a site's original
+    site: SiteAPI | None = None  # the site already at ``path``, whose adapters a new build keeps
 
     @property
     def weight(self) -> Any:  # the Parameter as stored (any dtype, possibly meta)
@@ -63,13 +65,27 @@ def unmodified(y: torch.Tensor | None) -> torch.Tensor | None:
     return y if y is not None and y._version == 0 else None
 
 
+def record(base: Base, ctx: SiteInit, parts: list[Part], **nodes: str) -> SiteRecord:
+    """The record of a site built from ``parts`` at ``base``: adapters already there keep theirs (strength,
+    order); a new one is added last."""
+    old = base.site.record.adapters if base.site is not None else {}
+    adapters = {p.name: old[p.name] if p.name in old else Adapter(p.variant) for p in parts}
+    return SiteRecord(
+        path=base.path, layout=base.layout, base_class=base.base_class, d_in=ctx.d_in, d_out=ctx.d_out,
+        original=base.site.record.original if base.site is not None else base.module,
+        adapters=adapters, active=tuple(p.name for p in parts if p.active),
+        replaced=ctx.new_weight is not None, gated=sum(p.active for p in parts) > 1, **nodes,
+    )
+
+
 class Txn:
     """The sites of one call, staged before any of them goes in."""
 
     def __init__(self):
         self.staged: dict[str, Staged] = {}
+        self.previous: dict[str, Any] = {}  # what was at each path before commit (scope-specific)
 
-    def stage(self, base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Staged:
+    def stage(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
         raise NotImplementedError
 
 
@@ -109,11 +125,17 @@ class Scope:
         return type(self.model)
 
     # ----- changing it -----
-    def begin(self) -> Txn:
+    def begin(self, rebuild: list[str] = ()) -> Txn:
+        """A transaction; ``rebuild``: paths that are sites already and will be built again (more adapters,
+        fewer, or another active set)."""
         raise NotImplementedError
 
     def commit(self, txn: Txn) -> None:
         """Put every staged site in; on failure, leave the model as it was and raise."""
+        raise NotImplementedError
+
+    def uncommit(self, txn: Txn) -> None:
+        """Undo a successful ``commit``: every path as it was before (no site, or the site a rebuild replaced)."""
         raise NotImplementedError
 
     def remove(self, paths: list[str], folded: Callable[[str], tuple[torch.Tensor, torch.Tensor | None]] | None = None,

@@ -34,10 +34,10 @@ from torch import nn
 
 from ..errors import GraphScopeError
 from ..site import SiteAPI, SiteRecord, layout_of_class, linear_weight, stored_weight
-from ..splice import BASE_WEIGHT, SCALE, Traces, add_constants, add_gate, attach, new_scale, splice
+from ..splice import BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, place, slot_prefix, splice
 from ..capture import module_path, route
-from ..variant import SiteInfo, SiteInit, Variant
-from .base import Base, Emit, Scope, Staged, Txn, unmodified
+from ..variant import SiteInfo, SiteInit
+from .base import Base, Emit, Scope, Staged, Txn, record, unmodified
 
 _aten = torch.ops.aten
 
@@ -52,15 +52,6 @@ class Region:
     y: fx.Node
     first: fx.Node  # the region's first node: weight/bias get_attr nodes go before it
     calls: int  # how many times the module runs in the graph (graph scope needs exactly one)
-
-
-@dataclass
-class GraphRecord(SiteRecord):
-    """A graph-scope site's record: the names of its input, base output and adapted output nodes."""
-
-    x: str = ""
-    y: str = ""
-    out: str = ""
 
 
 def _state(gm: fx.GraphModule) -> dict[str, Any]:
@@ -147,14 +138,14 @@ def _region(spliced: list[fx.Node], x: fx.Node, y: fx.Node, out: fx.Node, holder
     return root, g
 
 
-def region_module(graph: fx.Graph, holder: nn.Module, rec: GraphRecord) -> fx.GraphModule:
+def region_module(graph: fx.Graph, holder: nn.Module, rec: SiteRecord) -> fx.GraphModule:
     """The site's spliced nodes as a standalone GraphModule ``(x, y) -> adapted y``."""
     nodes = {n.name: n for n in graph.nodes}
     root, g = _region(_spliced(graph, rec.path), nodes[rec.x], nodes[rec.y], nodes[rec.out], holder, rec.path)
     return fx.GraphModule(root, g, class_name=f"{rec.base_class}Site")
 
 
-def _unsplice(graph: fx.Graph, records: list[GraphRecord]) -> None:
+def _unsplice(graph: fx.Graph, records: list[SiteRecord]) -> None:
     """Erase the sites' nodes from ``graph`` and route each base output back to their users (one pass over
     the graph for all of them)."""
     nodes = {n.name: n for n in graph.nodes}
@@ -174,7 +165,7 @@ def _unsplice(graph: fx.Graph, records: list[GraphRecord]) -> None:
 class GraphSite(SiteAPI):
     """A graph-scope site: a view of its nodes in the GraphModule and of the module holding its tensors."""
 
-    def __init__(self, gm: fx.GraphModule, record: GraphRecord, holder: nn.Module, graph: fx.Graph | None = None):
+    def __init__(self, gm: fx.GraphModule, record: SiteRecord, holder: nn.Module, graph: fx.Graph | None = None):
         self._gm, self.record, self.holder = gm, record, holder
         self._graph = graph  # while staged: the working copy of the graph
 
@@ -209,28 +200,30 @@ class GraphSite(SiteAPI):
 
 
 class GraphTxn(Txn):
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, rebuild: list[SiteRecord]):
         super().__init__()
         self.gm = gm
         self.graph = copy.deepcopy(gm.graph)
+        _unsplice(self.graph, rebuild)  # sites built again: their regions come back, to be spliced anew
         self.found = regions(gm, self.graph)
         self.traces = Traces()
 
-    def stage(self, base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Staged:
+    def stage(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
         gm, graph, path = self.gm, self.graph, base.path
         reg = self.found[path]
         x = reg.first.args[0]  # now: a site spliced before this one may feed it (its adapted output)
-        original = base.module
+        original = base.module if base.site is None else base.site.record.original
         holder = _holder(original)
+        if base.site is not None:  # the live base tensors (FSDP2 or load_state_dict(assign=True) may have new ones)
+            holder._parameters["weight"], holder._parameters["bias"] = base.site.weight, base.site.bias
         if ctx.new_weight is not None:  # a new Parameter: the shared original stays untouched for restore
             w = stored_weight(ctx.new_weight, reg.layout).to(holder.weight.dtype).contiguous()
             holder.weight = nn.Parameter(w, requires_grad=False)
             holder.register_buffer(BASE_WEIGHT, original.weight.detach(), persistent=False)
-        modules = attach(holder, variant, tensors)
-        holder.register_buffer(SCALE, new_scale(holder.weight), persistent=False)
+        stack, tensors, modules = place(holder, parts, holder.weight)
         for m in modules.values():  # the mode of the user's module (an exported GraphModule is always "training")
             m.train(_state(gm)["modules"][path].training)
-        meta = {"site": path, "variant": variant.short()}
+        meta = {"site": path, "variant": stack.short()}
         with graph.inserting_before(reg.first):
             w_node = graph.get_attr(f"{path}.weight")
             b_node = graph.get_attr(f"{path}.bias") if holder.bias is not None else None
@@ -239,8 +232,8 @@ class GraphTxn(Txn):
         for n in inputs:
             n.meta["surgery"] = dict(meta)
         info = SiteInfo(path=path, d_in=ctx.d_in, d_out=ctx.d_out, layout=reg.layout)
-        vg, _ = self.traces.get(variant, {n: getattr(holder, n) for n in [*tensors, SCALE]}, modules,
-                                has_bias=holder.bias is not None, site=info, cast=ctx.dtype != holder.weight.dtype)
+        vg, _ = self.traces.get(stack, tensors, modules, has_bias=holder.bias is not None, site=info,
+                                cast=ctx.dtype != holder.weight.dtype)
         add_constants(holder, vg)
         new = splice(graph, vg, x=x, y=reg.y, weight=w_lin, bias=b_node, prefix=path + ".", meta=meta)
         for n in reversed(inputs):  # the weight/bias nodes the variant does not read are bookkeeping
@@ -252,9 +245,7 @@ class GraphTxn(Txn):
             for n in [*read, *new]:
                 n.meta["nn_module_stack"] = stack.copy()
         out = next((n for n in new if any(u not in new for u in n.users)), reg.y)
-        rec = GraphRecord(path, variant, reg.layout, base.base_class, ctx.d_in, ctx.d_out, original,
-                          ctx.new_weight is not None,
-                          x=x.name, y=reg.y.name, out=out.name)
+        rec = record(base, ctx, parts, x=x.name, y=reg.y.name, out=out.name)
         site = GraphSite(gm, rec, holder, graph)
 
         def probe(x_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -284,7 +275,7 @@ class GraphScope(Scope):
         return self._found
 
     @property
-    def _records(self) -> dict[str, GraphRecord]:
+    def _records(self) -> dict[str, SiteRecord]:
         return _state(self.model)["sites"]
 
     def candidates(self) -> dict[str, nn.Module]:
@@ -305,6 +296,10 @@ class GraphScope(Scope):
                 for p in _state(self.model)["modules"] if p in records}
 
     def base(self, path: str) -> Base:
+        if path in self._records:  # a site getting another adapter: its region comes back in the transaction
+            rec = self._records[path]
+            return Base(path, rec.layout, rec.base_class, self.model.get_submodule(path),
+                        site=GraphSite(self.model, rec, self.model.get_submodule(path)))
         reg = self._regions().get(path)
         if reg is None or reg.calls != 1:
             raise GraphScopeError(
@@ -323,32 +318,49 @@ class GraphScope(Scope):
     def model_class(self) -> type:
         return type(_state(self.model)["modules"][""])
 
-    def begin(self) -> Txn:
-        return GraphTxn(self.model)
+    def begin(self, rebuild: list[str] = ()) -> Txn:
+        return GraphTxn(self.model, [self._records[p] for p in rebuild])
 
     def commit(self, txn: Txn) -> None:
         self._found = None
-        gm, old = self.model, self.model.graph
+        gm = self.model
         records = {p: st.site.record for p, st in txn.staged.items()}
+        txn.previous.update(graph=gm.graph, records=dict(self._records),
+                            holders={p: gm.get_submodule(p) for p in records},
+                            inputs={p: r.x for p, r in self._records.items()})
         try:
             for path, st in txn.staged.items():
                 _set(gm, path, st.site.holder)
                 st.site._graph = None  # from now on the site reads the GraphModule's graph
             txn.graph.lint()
             gm.graph = txn.graph  # the setter recompiles
+            for path, rec in records.items():
+                old = self._records.get(path)
+                if old is not None:  # a site built again: the sites it fed read its new output
+                    for other in self._records.values():
+                        if other.path not in records and other.x == old.out:
+                            other.x = rec.out
             self._records.update(records)
         except BaseException:
-            for path, rec in records.items():
-                self._records.pop(path, None)
-                _set(gm, path, rec.original)
-            gm.graph = old
+            self.uncommit(txn)
             raise
+
+    def uncommit(self, txn: Txn) -> None:
+        self._found = None
+        gm, prev = self.model, txn.previous
+        for path, holder in prev["holders"].items():
+            _set(gm, path, holder)
+        self._records.clear()
+        self._records.update(prev["records"])
+        for p, x in prev["inputs"].items():
+            self._records[p].x = x
+        gm.graph = prev["graph"]
 
     def remove(self, paths, folded=None, untie=frozenset()) -> None:
         self._found = None
         gm, graph = self.model, self.model.graph
         _unsplice(graph, [self._records[p] for p in paths])
-        fed: dict[str, list[GraphRecord]] = {}
+        fed: dict[str, list[SiteRecord]] = {}
         for rec in self._records.values():
             fed.setdefault(rec.x, []).append(rec)
         for path in paths:
@@ -377,8 +389,8 @@ class GraphScope(Scope):
         for path in paths:
             rec, holder = self._records[path], gm.get_submodule(path)
             out = add_gate(gm.graph, x=rec.x, y=rec.y, out=rec.out, layout=rec.layout, has_bias=holder.bias is not None,
-                           replaced=rec.replaced, prefix=path + ".",
-                           meta={"site": path, "variant": rec.variant.short()})
+                           replaced=rec.replaced, prefix=path + ".", scale=slot_prefix(rec.active[0]) + SCALE,
+                           meta={"site": path, "variant": rec.running.short()})
             for other in self._records.values():  # a site fed by this one reads the blend now
                 if other.x == rec.out:
                     other.x = out
@@ -415,8 +427,9 @@ class GraphScope(Scope):
         graph = copy.deepcopy(gm.graph)
         by_name = {n.name: n for n in graph.nodes}
         key = id(emit)
-        for p in paths:
-            x = by_name[found[p].x.name]
+        records = self._records
+        for p in paths:  # a site getting another adapter: its input, as its record names it
+            x = by_name[records[p].x if p in records else found[p].x.name]
             with graph.inserting_after(x):
                 graph.call_function(_tap, (x, key, p))
         old = gm.graph

@@ -14,10 +14,10 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import UnsupportedModuleError
-from ..site import COMPILED, Conv1D, Site, SiteRecord, adaptable, layout, stored_weight
-from ..splice import BASE_WEIGHT, SCALE, Traces, add_constants, add_gate, attach, new_scale, splice, tracer
-from ..variant import SiteInfo, SiteInit, Variant
-from .base import Base, Emit, Scope, Staged, Txn
+from ..site import COMPILED, Conv1D, Site, adaptable, layout, stored_weight
+from ..splice import BASE_WEIGHT, SCALE, Part, slot_prefix, Traces, add_constants, add_gate, place, splice, tracer
+from ..variant import SiteInfo, SiteInit
+from .base import Base, Emit, Scope, Staged, Txn, record
 
 _PLAIN = tuple(c for c in (nn.Linear, Conv1D) if isinstance(c, type))
 _FLAGS = "_surgery_requires_grad"  # original requires_grad of every parameter, kept on the model while it has sites
@@ -47,9 +47,8 @@ class Templates:
     sites: dict[Hashable, _Template] = field(default_factory=dict)
 
 
-def build_site(base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor],
-               templates: Templates | None = None) -> Site:
-    """Splice ``variant`` into a trace of the leaf and return the Site (the model is not touched).
+def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Templates | None = None) -> Site:
+    """Splice the active ``parts`` into a trace of the leaf and return the Site (the model is not touched).
 
     The first site of a kind is traced and compiled; later ones copy its graph and reuse its compiled
     forward, so their generated code is the same text."""
@@ -58,14 +57,12 @@ def build_site(base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, t
     root = nn.Module()
     root.register_parameter("weight", leaf.weight)
     root.register_parameter("bias", leaf.bias)  # None stays a parameter slot, as on the leaf
-    modules = attach(root, variant, tensors)
-    scale = new_scale(leaf.weight)
+    stack, tensors, modules = place(root, parts, leaf.weight)
     info = SiteInfo(path=base.path, d_in=ctx.d_in, d_out=ctx.d_out, layout=lay)
-    vg, key = templates.traces.get(variant, {**{n: getattr(root, n) for n in tensors}, SCALE: scale}, modules,
-                                   has_bias=leaf.bias is not None, site=info, cast=ctx.dtype != leaf.weight.dtype)
+    vg, key = templates.traces.get(stack, tensors, modules, has_bias=leaf.bias is not None, site=info,
+                                   cast=ctx.dtype != leaf.weight.dtype)
     add_constants(root, vg)
-    root.register_buffer(SCALE, scale, persistent=False)
-    meta = {"site": base.path, "variant": variant.short()}
+    meta = {"site": base.path, "variant": stack.short()}
     # a plain Linear / Conv1D traces the same for equal shapes; any other class may bake its own state in
     kind = None if key is None else (type(leaf) if type(leaf) in _PLAIN else id(leaf), key)
     tpl = templates.sites.get(kind) if kind is not None else None
@@ -80,14 +77,16 @@ def build_site(base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, t
                 n.meta["surgery"] = dict(meta)
         graph.__dict__[COMPILED] = tpl.code
         site = Site(root, graph, class_name=type(leaf).__name__)
-    for table in ("_parameters", "_buffers", "_modules"):  # what the graph does not read (a bias dead code dropped)
+    for table in ("_parameters", "_buffers"):  # what the graph does not read (a bias dead code dropped)
         for name, value in getattr(root, table).items():
             if name not in getattr(site, table):
                 getattr(site, table)[name] = value
+    # GraphModule gives a dotted target (adapters.b.lora_A) fresh containers holding only what the graph reads;
+    # the site keeps the real ones, with every named adapter's tensors, modules and strength
+    site._modules.update(root._modules)
     site._non_persistent_buffers_set = set(root._non_persistent_buffers_set)  # constants, the strength
     site.train(leaf.training)  # new modules (dropout) follow the mode of the model they join
-    site.__dict__["record"] = SiteRecord(base.path, variant, lay, type(leaf).__name__, ctx.d_in, ctx.d_out, leaf,
-                                         x=tpl.x, y=tpl.y, out=tpl.out)
+    site.__dict__["record"] = record(base, ctx, parts, x=tpl.x, y=tpl.y, out=tpl.out)
     return site
 
 
@@ -117,8 +116,8 @@ class ModuleTxn(Txn):
         super().__init__()
         self.templates = Templates()
 
-    def stage(self, base: Base, variant: Variant, ctx: SiteInit, tensors: dict[str, torch.Tensor]) -> Staged:
-        site = build_site(base, variant, ctx, tensors, self.templates)
+    def stage(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
+        site = build_site(base, parts, ctx, self.templates)
         new = None if ctx.new_weight is None else stored_weight(ctx.new_weight, base.layout).to(base.weight.dtype)
 
         def probe(x: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -162,6 +161,8 @@ class ModuleScope(Scope):
                 f"no-op. Adapt the layers around the attention instead, or leave {path} out of `where`."
             )
         leaf = self.model.get_submodule(path)
+        if isinstance(leaf, Site):  # a site getting another adapter: built again around the original leaf
+            return Base(path, leaf.layout, leaf.base_class, leaf.base, site=leaf)
         return Base(path, layout(leaf), type(leaf).__name__, leaf)
 
     def aliases(self, path: str) -> list[str]:
@@ -174,13 +175,14 @@ class ModuleScope(Scope):
     def class_name(self, path: str) -> str:
         return type(self.model.get_submodule(path)).__name__
 
-    def begin(self) -> Txn:
+    def begin(self, rebuild: list[str] = ()) -> Txn:
         return ModuleTxn()
 
     def commit(self, txn: Txn) -> None:
         done: list[str] = []
         try:
             for path, st in txn.staged.items():
+                txn.previous[path] = self.model.get_submodule(path)
                 _set(self.model, path, st.site)
                 done.append(path)
                 if st.new_weight is not None:  # the leaf's own Parameter takes the new values; keep the old ones
@@ -189,8 +191,16 @@ class ModuleScope(Scope):
                     with torch.no_grad():
                         st.site.weight.copy_(st.new_weight)
         except BaseException:
-            self.remove(done)
+            self.uncommit(txn, done)
             raise
+
+    def uncommit(self, txn: Txn, paths: list[str] | None = None) -> None:
+        for path in list(txn.staged) if paths is None else paths:
+            prev = txn.previous[path]
+            if isinstance(prev, Site):  # a site built again: the one it replaced goes back
+                _set(self.model, path, prev)
+            else:
+                self.remove([path])
 
     def remove(self, paths, folded=None, untie=frozenset()) -> None:
         sites = self.sites()
@@ -220,7 +230,8 @@ class ModuleScope(Scope):
             rec = site.record
             rec.out = add_gate(site.graph, x=rec.x, y=rec.y, out=rec.out, layout=rec.layout,
                                has_bias=site.bias is not None, replaced=rec.replaced, prefix="",
-                               meta={"site": path, "variant": rec.variant.short()})
+                               scale=slot_prefix(rec.active[0]) + SCALE,
+                               meta={"site": path, "variant": site.variant.short()})
             rec.gated = True
             site.graph.lint()
             site.recompile()
