@@ -9,6 +9,7 @@ of tensor data, and anything that is not safetensors is refused.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -155,6 +156,31 @@ def weight_sample(w: torch.Tensor) -> list[float] | None:
     return flat[idx.to(flat.device)].float().cpu().tolist()
 
 
+def encode_sample(values: list[float] | None) -> str | None:
+    """A weight sample as the file stores it: base64 of little-endian float32 (344 characters for 64 values,
+    where JSON's decimal floats took about 1,400: most of a small adapter file's metadata)."""
+    return None if values is None else base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+
+
+def decode_sample(saved: Any, path, site: str) -> list[float] | None:
+    """The sample of a file's entry: a list of floats (format 1), base64 float32 (format 2), or None."""
+    if saved is None:
+        return None
+    if isinstance(saved, list) and all(type(v) in (int, float) for v in saved) and len(saved) <= _SAMPLE:
+        return [float(v) for v in saved]
+    if isinstance(saved, str) and len(saved) <= 4 * _SAMPLE * 2:
+        try:
+            raw = base64.b64decode(saved, validate=True)
+        except ValueError:
+            raw = b"?"
+        if len(raw) % 4 == 0:
+            return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    raise AdapterFileError(
+        f"{path}: the base-weight sample of {clip(site)} is malformed (expected up to {_SAMPLE} float32 values); the "
+        "file is corrupt. Re-save the adapter with surgery.save."
+    )
+
+
 def _same_sample(saved: list[float], now: list[float], saved_dtype: str, now_dtype: torch.dtype) -> bool:
     """Equal values, compared in the coarser of the two dtypes (a float32 file on a bfloat16 base)."""
     if len(saved) != len(now):
@@ -172,10 +198,10 @@ def check_base_sample(scope: Scope, entries: dict[str, dict[str, Any]], plan: di
     """Each adapted weight must be the one the file was saved on: an error for variants whose tensors were
     computed from it (``Variant.base_bound``), a warning for the rest. ``entries`` and ``plan`` by module path."""
     for p, info in entries.items():
-        saved = info.get("base", {}).get("sample")
+        saved = decode_sample(info.get("base", {}).get("sample"), path, p)
         base = scope.base(p)
         now = weight_sample(linear_weight(base.weight, base.layout))
-        if not isinstance(saved, list) or now is None or _same_sample(saved, now, info["base"].get("dtype", ""), base.weight.dtype):
+        if saved is None or now is None or _same_sample(saved, now, info["base"].get("dtype", ""), base.weight.dtype):
             continue
         what = (f"{path} was saved on another base: the weight of {p} differs from the one {plan[p].short()} was "
                 "made on (another checkpoint, or this adapter already merged into it?)")
@@ -220,7 +246,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) 
                 )
             tensors[f"{k}.{tname}"] = t.detach().to("cpu").contiguous()
         if v.path not in samples:
-            samples[v.path] = weight_sample(gathered(v.original_weight))
+            samples[v.path] = encode_sample(weight_sample(gathered(v.original_weight)))
         meta[k] = {
             "variant": v.variant.name,
             "config": v.variant.to_config(),

@@ -377,6 +377,42 @@ def test_a_file_on_a_base_with_the_same_shapes_but_other_weights(scope, name, va
     assert surgery.sites(model)
 
 
+def resample(path, edit):
+    """Re-save an adapter file with ``edit(sample)`` as every site's base-weight sample."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    sites = json.loads(metadata["sites"])
+    for info in sites.values():
+        info["base"]["sample"] = edit(info["base"]["sample"])
+    metadata["sites"] = json.dumps(sites)
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_format_1_sample_of_decimal_floats_still_tells_another_base(scope, tmp_path):
+    """Files now keep the sample as base64 float32 (a quarter of the size); older files wrote decimal floats."""
+    path, want = adapter_file(tmp_path, "a.safetensors", seed=1, variant=DoRA(r=2))
+    resample(path, lambda s: surgery.io.decode_sample(s, path, "0"))
+    assert isinstance(json.loads(safe_open(str(path), framework="pt").metadata()["sites"])["0"]["base"]["sample"], list)
+    model = toy(scope)
+    surgery.load(model, path)
+    assert rel_err(model(X), want) <= 1e-6
+    refused_model = toy(scope, seed=5)
+    check = unchanged(refused_model)
+    with pytest.raises(E.BaseMismatchError, match="saved on another base"):
+        surgery.load(refused_model, path)
+    check()
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("bad", ["not base64!", "AAA", ["x"], {"a": 1}, "A" * 4000], ids=["chars", "length", "strings", "dict", "long"])
+def test_a_malformed_base_sample_is_refused(scope, bad, tmp_path):
+    path, _ = adapter_file(tmp_path, "a.safetensors", seed=1)
+    resample(path, lambda s: bad)
+    refused(scope, lambda m: surgery.load(m, path), E.AdapterFileError, ("base-weight sample", "malformed"))
+
+
 @pytest.mark.parametrize("scope", SCOPES)
 def test_the_right_base_in_another_dtype_loads_without_a_word(scope, tmp_path):
     import warnings
