@@ -35,7 +35,7 @@ from .ops import call_arg, check_name, check_value
 from .scope import Scope, Unfrozen, scope_of
 from .site import is_sharded
 from .splice import DEFAULT
-from .where import Where, _raise_no_match, compile_where
+from .where import Where, compile_where, raise_no_match
 
 
 def unfreeze(model: nn.Module, where: Where, *, name: str = DEFAULT) -> nn.Module:
@@ -57,7 +57,7 @@ def _resolve(scope: Scope, where: Where) -> list[str]:
     for pat in compile_where(where):
         hit = [p for p, m in cands.items() if pat.test(p, m)]
         if not hit:
-            _raise_no_match(pat, [], cands, lambda m: True)
+            raise_no_match(pat, [], cands, lambda m: True)
         bare = [p for p in hit if next(cands[p].parameters(), None) is None]
         if len(bare) == len(hit):
             raise UnsupportedModuleError(
@@ -70,15 +70,17 @@ def _resolve(scope: Scope, where: Where) -> list[str]:
     return [p for p in found if not any(p.startswith(q + ".") for q in found)]
 
 
-def check(scope: Scope, paths: dict[str, str], caller: str) -> None:
-    """Refuse, before anything changes, a path (-> adapter name) that cannot train whole with that adapter."""
-    sites = scope.sites()
+def check(scope: Scope, paths: dict[str, str], caller: str, coming: dict[str, list[str]] | None = None) -> None:
+    """Refuse, before anything changes, a path (-> adapter name) that cannot train whole with that adapter.
+    ``coming``: site path -> adapter names that the same call adds (a load), before they are there."""
+    have = scope.sites()
+    sites = {**{p: s.names for p, s in have.items()}, **(coming or {})}
     if not sites:
         raise NotRewrittenError(
             f"{caller}: the {scope.noun} has no adapter yet, and an unfrozen module trains with an adapter and is "
             f"saved with it. Call surgery.rewrite({call_arg(scope)}, variant, where) first, then unfreeze."
         )
-    names = {n for s in sites.values() for n in s.names}
+    names = {n for ns in sites.values() for n in ns} | {n for s in have.values() for n in s.names}
     held = scope.get_unfrozen()
     owners: dict[int, list[str]] = {}
     for n, p in scope.model.named_parameters(remove_duplicate=False):
