@@ -31,6 +31,7 @@ _PUBLIC = {  # name -> module that defines it
     "Site": "site", "SiteAPI": "site",
     "disabled": "control", "scaled": "control", "set_scale": "control",
     "adapter_names": "control", "activate": "control", "delete": "control", "combine": "control",
+    "unfreeze": "trainable",
     "resumable": "hf",
 }
 __all__ = [*_PUBLIC, "errors"]
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from .ops import merge, restore, rewrite
     from .peft_format import export_peft, import_peft
     from .site import Site, SiteAPI
+    from .trainable import unfreeze
 
 
 class _Surgery(types.ModuleType):

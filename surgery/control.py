@@ -7,6 +7,8 @@ combining them, without retracing anything the user did not ask to change.
   variant that is ``steered`` (AntiPaSTO) reads it itself; for the others a site running one adapter
   gets a blend ``y + c (out - y)`` on the first call (exactly ``y`` at 0 and ``out`` at 1), and a site
   running several blends each one already. c is a tensor, so changing it recompiles nothing.
+- ``disabled`` runs the original values of modules unfrozen with ``surgery.unfreeze`` too, and ``delete`` gives
+  them back for good.
 - ``activate``, ``delete`` and ``combine`` change which adapters a site holds or runs: the sites concerned
   are built again from the same tensor objects, so an optimizer holding them trains on.
 """
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, MetaDeviceError, NonFiniteError
-from .ops import all_sites, call_arg, check_name, drop, install, kept_parts, rebuild, require_unsharded
+from .ops import all_sites, call_arg, check_name, drop, install, kept_parts, rebuild, release, require_unsharded
 from .scope import DISABLED, Scope, scope_of, unwrap
 from .site import AdapterView, SiteAPI
 from .variant import variant_from_config
@@ -37,7 +39,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         return
     scope = scope_of(inner)
     require_unsharded(scope, all_sites(scope), "disable")
-    with scope.bypass():
+    with scope.bypass(), scope.originals_in(list(scope.get_unfrozen().values())):
         inner.__dict__[DISABLED] = True
         try:
             yield model
@@ -179,6 +181,7 @@ def delete(model: nn.Module, name: str) -> None:
         rebuild(scope, changes)
     if gone:
         drop(scope, gone)
+    release(scope, keep=False, names={name})  # the modules it trained whole go back to their original values
 
 
 def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "linear", r: int | None = None) -> None:

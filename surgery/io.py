@@ -3,7 +3,8 @@
 File layout: tensors keyed ``<module path>.<tensor name>`` (``model.layers.0.self_attn.k_proj.lora_A``);
 metadata ``format = "model-surgery"``, ``version``, ``sites`` (JSON: path -> variant name, config and
 the base layer's shape) and ``fingerprint`` (a hash of the base model's parameter names and
-shapes). Nothing is ever unpickled: the header is parsed as JSON before safetensors reads a byte
+shapes); modules unfrozen with ``surgery.unfreeze`` add ``unfrozen`` (JSON: module path -> its adapter
+name and class) and their state under ``<module path>.<tensor name>`` (``score.weight``). Nothing is ever unpickled: the header is parsed as JSON before safetensors reads a byte
 of tensor data, and anything that is not safetensors is refused.
 """
 
@@ -26,16 +27,19 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, BaseMismatchError, ConfigError, MetaDeviceError, OutputPathError, clip
+from . import trainable
+from .errors import AdapterFileError, BaseMismatchError, ConfigError, MetaDeviceError, NonFiniteError, OutputPathError, clip
 from .hf import adapter_in
-from .ops import all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite
+from .ops import (all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite,
+                  unfrozen_tensors, warn_untracked)
 from .scope import Scope, scope_of
 from .site import SiteAPI, gathered, is_sharded, linear_weight
 from .splice import DEFAULT, slot_prefix
 from .variant import Variant, variant_from_config
 
 FORMAT = "model-surgery"
-VERSION = 2  # 2: several named adapters (entries keyed by tensor prefix, with path and adapter)
+VERSION = 3  # 2: several named adapters (entries keyed by tensor prefix, with path and adapter); 3: unfrozen modules
+# (a file without them is still written as 2, which every reader of 2 loads whole)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -255,8 +259,21 @@ def save(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) 
             **({} if v.name == DEFAULT else {"path": v.path, "adapter": v.name}),
             **({} if v.name in v.site.active else {"active": False}),
         }
-    metadata = {"format": FORMAT, "version": str(VERSION), "sites": json.dumps(meta),
+    held = {p: r for p, r in scope.get_unfrozen().items() if name in (None, r.name)}
+    for key, t in unfrozen_tensors(scope, name).items():
+        t = gathered(t).detach()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(
+                f"cannot save {key}: NaN or Inf in the unfrozen module's values; the file would load as NaN "
+                f"outputs. Nothing was written; check the learning rate or the loss, or surgery.restore(model)."
+            )
+        tensors[key] = t.to("cpu").contiguous()
+    warn_untracked(scope, "surgery.save")
+    metadata = {"format": FORMAT, "version": str(VERSION if held else 2), "sites": json.dumps(meta),
                 "fingerprint": fingerprint(scope)}
+    if held:
+        metadata["unfrozen"] = json.dumps({p: {"adapter": r.name, "class": scope.class_name(p)}
+                                           for p, r in held.items()})
     if not sharded or torch.distributed.get_rank() == 0:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     if sharded:
@@ -347,13 +364,27 @@ def read_metadata(path: str | os.PathLike, data: bytes | None = None,
                 "{'variant': name, 'config': {...}, 'base': {'d_in': int, 'd_out': int, ...}}; re-save the "
                 "adapter with surgery.save."
             )
+    unfrozen: Any = {}
+    if "unfrozen" in meta:
+        try:
+            unfrozen = json.loads(meta["unfrozen"])
+        except (TypeError, ValueError, RecursionError) as e:
+            raise AdapterFileError(f"{path}: unreadable model-surgery metadata 'unfrozen' ({e}).") from None
+        if not isinstance(unfrozen, dict) or not all(
+                isinstance(p, str) and isinstance(v, dict) and isinstance(v.get("adapter"), str)
+                for p, v in unfrozen.items()):
+            raise AdapterFileError(
+                f"{path}: malformed model-surgery metadata 'unfrozen' (got {clip(str(unfrozen))!r}); it maps module "
+                "paths to {'adapter': name, ...}. Re-save the adapter with surgery.save."
+            )
     if version > VERSION:
         warnings.warn(
             f"{path} was written by a newer model-surgery (format version {version}, this one reads {VERSION}); "
             "unknown fields are ignored.",
             stacklevel=3,
         )
-    return {"version": version, "sites": sites, "fingerprint": meta.get("fingerprint")}
+    return {"version": version, "sites": sites, "fingerprint": meta.get("fingerprint"),
+            "unfrozen": {p: v["adapter"] for p, v in unfrozen.items()}}
 
 
 def _site_entry_problem(info: Any) -> str | None:
@@ -394,6 +425,13 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True, 
                 f"under {clip(entry_prefix(p, n))!r}; the file is corrupt. Re-save the adapter with surgery.save."
             )
     saved_names = list(dict.fromkeys(n for _, n, _ in entries.values()))
+    unfrozen = meta["unfrozen"]
+    stray = next((p for p, n in unfrozen.items() if n not in saved_names), None)
+    if stray is not None:
+        raise AdapterFileError(
+            f"{path}: the unfrozen module {clip(stray)} belongs to adapter {clip(repr(unfrozen[stray]))}, which the file "
+            f"does not hold (it holds {saved_names}); the file is corrupt. Re-save the adapter with surgery.save."
+        )
     rename = {n: n for n in saved_names}
     if name is not None:
         check_name(name)
@@ -401,6 +439,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True, 
             rename = {saved_names[0]: name}
         elif name in saved_names:
             entries = {k: e for k, e in entries.items() if e[1] == name}
+            unfrozen = {p: n for p, n in unfrozen.items() if n == name}
         else:
             raise AdapterFileError(
                 f"{path} holds the adapters {saved_names}, none named {name!r}. Pass one of those, or name=None "
@@ -444,6 +483,16 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True, 
             stacklevel=2,
         )
     tensors = decode(path, data)
+    unfrozen = {p: rename[n] for p, n in unfrozen.items()}
+    cands = scope.candidates()
+    for p in unfrozen:
+        if p not in cands:
+            raise BaseMismatchError(
+                f"{path} was saved for another base: it holds the unfrozen module {clip(p)}, which this {scope.noun} "
+                "does not have. Load it onto the base it was trained on."
+            )
+    trainable.check(scope, unfrozen, f"surgery.load({path})", {p: list(named) for p, named in plan.items()})
+    trainable.check_values(scope, unfrozen, tensors, str(path))
 
     def fill(p: str, view: SiteAPI) -> None:
         for tname, t in view.adapter_tensors().items():
@@ -454,6 +503,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True, 
 
     inactive = frozenset((p, rename[n]) for p, n, info in entries.values() if info.get("active") is False)
     install(scope, plan, loading=True, fill=fill, inactive=inactive)
+    trainable.hold(scope, unfrozen, tensors)
     return model
 
 

@@ -197,6 +197,15 @@ def install(scope: Scope, plan: dict[str, dict[str, Variant]], *, states: dict[s
     states = states or {}
     owners = _owners(scope.model)
     sites = scope.sites()
+    held = scope.get_unfrozen()
+    for path in plan:
+        inside = next((u for u in held if path == u or path.startswith(u + ".")), None)
+        if inside is not None:
+            raise ConfigError(
+                f"cannot adapt {path}: it is {'' if path == inside else 'inside '}{inside}, which trains whole with adapter "
+                f"{held[inside].name!r} (surgery.unfreeze), so an adapter there would train on top of a training weight. "
+                f"Leave {path} out of `where`, or surgery.restore({call_arg(scope)}) first."
+            )
     txn = scope.begin(rebuild=[p for p in plan if p in sites])
     for path, named in plan.items():
         base = scope.base(path)
@@ -349,8 +358,9 @@ def _commit(scope: Scope, txn: Txn) -> None:
     if first:
         scope.set_flags({n: p.requires_grad for n, p in model.named_parameters()})
     flags_now = [(p, p.requires_grad) for p in model.parameters()]
-    # other sites' adapter tensors keep their flags: a second rewrite must not freeze the first
+    # other sites' adapter tensors keep their flags: a second rewrite must not freeze the first; nor unfrozen modules
     earlier = {id(t) for s in scope.sites().values() for t in s.adapter_tensors().values()}
+    earlier |= {id(t) for t in unfrozen_tensors(scope).values()}
     committed = False
     try:
         scope.commit(txn)
@@ -393,6 +403,49 @@ def all_sites(scope: Scope) -> dict[str, SiteAPI]:
     return sites
 
 
+def unfrozen_tensors(scope: Scope, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The state of the modules that train whole with an adapter (all, or adapter ``name``'s), keyed
+    ``<path>.<tensor>``: what a file holds for them."""
+    out = {}
+    for path, rec in scope.get_unfrozen().items():
+        if name in (None, rec.name):
+            for k, t in scope.model.get_submodule(path).state_dict(keep_vars=True).items():
+                out[f"{path}.{k}"] = t
+    return out
+
+
+def release(scope: Scope, *, keep: bool, names: set[str] | None = None) -> None:
+    """Stop training the unfrozen modules (all, or those of adapter ``names``): their original values back,
+    or (``keep``, as merge does) the trained ones left in as plain weights; frozen again like the base."""
+    held = scope.get_unfrozen()
+    for path, rec in list(held.items()):
+        if names is None or rec.name in names:
+            scope.release(rec, keep)
+            for p in scope.model.get_submodule(path).parameters():
+                p.requires_grad_(False)
+            del held[path]
+    scope.set_unfrozen(held)
+
+
+def warn_untracked(scope: Scope, verb: str) -> None:
+    """Say which trainable parameters a file leaves out: neither adapter tensors nor unfrozen modules (a head
+    unfrozen by hand would otherwise come back as its base values on load, without a word)."""
+    kept = {id(t) for s in scope.sites().values() for t in s.adapter_tensors().values()}
+    kept |= {id(t) for t in unfrozen_tensors(scope).values()}
+    left = [n for n, p in scope.model.named_parameters() if p.requires_grad and id(p) not in kept]
+    if not left:
+        return
+    modules = list(dict.fromkeys(n.rpartition(".")[0] or n for n in left))
+    warnings.warn(
+        f"{verb}: {len(left)} trainable parameter(s) are neither adapter tensors nor in modules unfrozen with "
+        f"surgery.unfreeze, so the file leaves them out and a load gives their base values back: "
+        f"{', '.join(clip(n) for n in left[:5])}{' ...' if len(left) > 5 else ''}. To keep them, "
+        f"surgery.unfreeze({call_arg(scope)}, {modules[0]!r}) before training; to silence this, set their "
+        "requires_grad to False.",
+        stacklevel=3,
+    )
+
+
 def _restore_flags(scope: Scope, originals: dict[str, nn.Parameter]) -> None:
     """Give every parameter (and the originals of removed sites) its flag from before the first rewrite."""
     flags = scope.get_flags() or {}
@@ -432,6 +485,7 @@ def drop(scope: Scope, paths: list[str]) -> None:
         if n in flags:
             p.requires_grad_(flags[n])
     if not scope.sites():
+        release(scope, keep=False)
         hf.detach(scope.model)
         _restore_flags(scope, {})
 
@@ -441,6 +495,7 @@ def restore(model: nn.Module) -> nn.Module:
     scope = scope_of(model)
     sites = all_sites(scope)
     scope.remove(list(sites))
+    release(scope, keep=False)
     hf.detach(scope.model)
     _restore_flags(scope, _originals(sites))
     return model
@@ -475,6 +530,7 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
     # every site was folded and checked before any weight is written, so a bad fold cannot half-merge; each is
     # folded again as it is written (the same ops on the same tensors), so only one W' is alive at a time
     scope.remove(list(sites), lambda path: sites[path].fold(), frozenset(untie))
+    release(scope, keep=True)  # trained whole modules are plain weights already
     hf.detach(scope.model)
     if untie:
         _untie_config(scope.model)
@@ -634,21 +690,33 @@ def fill_value(source: str, key: str, value: torch.Tensor, target: torch.Tensor,
             "values would be dropped. Materialise the base first (model.to_empty(device='cpu') and load its "
             "checkpoint), then load the adapter."
         )
+    check_value(source, key, value, target, f"{site.variant.short()} at {site.path}", squeeze=squeeze)
+    with torch.no_grad():
+        target.copy_(value.reshape(target.shape))
+
+
+def check_value(source: str, key: str, value: torch.Tensor, target: torch.Tensor, owner: str, *,
+                squeeze: bool = False) -> None:
+    """A tensor read from a file fits ``target``: its shape (``squeeze``: up to size-1 dimensions), floating
+    point, finite. ``owner`` says who expects it, for the message."""
     shape = lambda t: tuple(d for d in t.shape if d != 1) if squeeze else tuple(t.shape)  # noqa: E731
     if shape(value) != shape(target):
         raise BaseMismatchError(
-            f"{source}: tensor {clip(key)} has shape {tuple(value.shape)}, but {site.variant.short()} at {site.path} "
+            f"{source}: tensor {clip(key)} has shape {tuple(value.shape)}, but {owner} "
             f"expects {tuple(target.shape)}. The file does not belong to this base or config."
         )
-    if not value.is_floating_point():
+    if not value.is_floating_point() and target.is_floating_point():
         raise AdapterFileError(
             f"{source}: tensor {clip(key)} is stored as {str(value.dtype).removeprefix('torch.')}; adapter tensors are "
             "floating point, and reading integers as weights would give garbage. Re-save the adapter."
+        )
+    if value.dtype != target.dtype and not target.is_floating_point():  # an unfrozen module's counter
+        raise AdapterFileError(
+            f"{source}: tensor {clip(key)} is stored as {str(value.dtype).removeprefix('torch.')}, but {owner} holds "
+            f"{str(target.dtype).removeprefix('torch.')} there. Re-save the adapter."
         )
     if not torch.isfinite(value).all():
         raise NonFiniteError(
             f"{source}: tensor {clip(key)} holds NaN or Inf; loading it would make every output NaN. "
             "Re-save the adapter from a model whose adapter is finite (surgery.merge refuses it too)."
         )
-    with torch.no_grad():
-        target.copy_(value.reshape(target.shape))

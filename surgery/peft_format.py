@@ -19,6 +19,8 @@ Rules that PEFT's format imposes:
   ORIGINAL base: the base change is a rank-r matrix ``W_orig - W_res = s B0 A0``, recovered here by
   an SVD of that difference, and appended as ``A' = [A; A0]``, ``B' = [B, -B0]`` with alpha scaled so
   that s is unchanged (PEFT's own ``path_initial_model_for_weight_conversion`` does the same).
+- Unfrozen modules (``surgery.unfreeze``) are PEFT's ``modules_to_save``: names in the config, state under
+  ``base_model.model.<path>.<tensor>`` as PEFT's save_pretrained writes it; import reads them back.
 - Import never unpickles: the config is JSON and the tensors safetensors (``adapter_model.bin`` is
   refused). A config field we would have to ignore, with a value other than PEFT's default, is an
   error naming the field.
@@ -39,9 +41,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, ConfigError, PeftFormatError, clip
+from .errors import AdapterFileError, ConfigError, NonFiniteError, PeftFormatError, clip
 from .io import atomic_write_all, decode, read_bytes, read_header
-from .ops import all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite, require_unsharded
+from . import trainable
+from .ops import (all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite, require_unsharded,
+                  unfrozen_tensors, warn_untracked)
 from .splice import DEFAULT
 from .scope import Scope, scope_of
 from .site import SiteAPI
@@ -248,12 +252,39 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, name: str | N
         views = {p: s.adapter(n) for p, s in sites.items() if n in s.names}
         require_finite(scope, views, "export")
         config, tensors = _peft_files(model, scope, views)
+        _modules_to_save(scope, n, config, tensors)
         where.mkdir(parents=True, exist_ok=True)
         text = json.dumps(config, indent=2, sort_keys=True)
         writes[where / WEIGHTS_NAME] = lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": "pt"})
         writes[where / CONFIG_NAME] = lambda tmp, text=text: Path(tmp).write_text(text + "\n")
+    warn_untracked(scope, "surgery.export_peft")
     atomic_write_all(writes)  # every file written before any replaces its old one: a failure leaves the old set
     return directory
+
+
+def _modules_to_save(scope: Scope, name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Adapter ``name``'s unfrozen modules as PEFT's ``modules_to_save``: their names in the config, their state
+    under ``base_model.model.<path>.<tensor>`` (what PEFT 0.21's save_pretrained writes: the trained copy,
+    without its ``modules_to_save.<adapter>.`` level)."""
+    held = [p for p, r in scope.get_unfrozen().items() if r.name == name]
+    if not held:
+        return
+    for path in held:  # PEFT wraps every module whose name ends with an entry, with no dot boundary
+        also = [q for q in scope.candidates() if q != path and q.endswith(path) and not q.startswith(path + ".")]
+        if also:
+            raise PeftFormatError(
+                f"cannot export the unfrozen module {path} as PEFT's modules_to_save: PEFT picks the modules whose "
+                f"name ends with {path!r}, which would also train {also[0]}. Keep the model in model-surgery's "
+                "format (surgery.save), or surgery.merge and save_pretrained."
+            )
+    config["modules_to_save"] = held
+    for key, t in unfrozen_tensors(scope, name).items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(
+                f"cannot export {key}: NaN or Inf in the unfrozen module's values; PEFT would load NaN outputs. "
+                "Nothing was written; check the learning rate or the loss."
+            )
+        tensors[PREFIX + key] = t.detach().to("cpu").contiguous()
 
 
 def _peft_files(model: nn.Module, scope: Scope, sites: dict[str, SiteAPI]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -434,6 +465,10 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
     for k, v in config.items():
         if k in mapped or k in _IGNORED:
             continue
+        if k == "modules_to_save":  # read by import_peft as unfrozen modules
+            if v is not None and not (isinstance(v, list) and all(isinstance(e, str) and e for e in v)):
+                raise PeftFormatError(f"{cfg_path}: modules_to_save must be a list of module names, got {clip(repr(v))}.")
+            continue
         if k == "init_lora_weights":
             if any(v is ok or (isinstance(ok, str) and v == ok) for ok in _IGNORED_INIT_LORA):
                 continue
@@ -481,15 +516,26 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, name: str = D
     peft_type = config["peft_type"]
     weights, tensors = _read_weights(directory)
     known = _KEYS[peft_type]
+    scope = scope_of(model)
+    # PEFT trains whole every module whose name ends with an entry (outermost ones; no dot boundary)
+    entries = config.get("modules_to_save") or []
+    whole = [q for q in scope.candidates() if any(q.endswith(e) for e in entries)]
+    whole = [q for q in whole if not any(q.startswith(o + ".") for o in whole)]
+    values: dict[str, torch.Tensor] = {}
+    keys: dict[str, str] = {}
     by_path: dict[str, dict[str, str]] = {}
     for key in sorted(tensors):
         short = key.removeprefix(PREFIX)
+        if key.startswith(PREFIX) and any(short.startswith(q + ".") for q in whole):
+            values[short], keys[short] = tensors[key], key
+            continue
         suffix = next((s for s in known if short.endswith("." + s)), None)
         if not key.startswith(PREFIX) or suffix is None:
             raise PeftFormatError(
                 f"{weights}: tensor {clip(key)!r} is not a {peft_type} adapter tensor of the form "
-                f"'{PREFIX}<module>.<{'|'.join(known)}>' (modules_to_save, trainable tokens or embeddings "
-                "adapters are not supported). Re-create the adapter without them, or merge it with PEFT."
+                f"'{PREFIX}<module>.<{'|'.join(known)}>', nor the state of a module its modules_to_save names "
+                "(trainable tokens and embeddings adapters are not supported). Re-create the adapter without them, "
+                "or merge it with PEFT."
             )
         if suffix == "lora_B.bias":
             raise PeftFormatError(f"{weights}: {clip(key)} is a LoRA bias (lora_bias=true), which import_peft does not support.")
@@ -497,8 +543,16 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, name: str = D
     if not by_path:
         raise AdapterFileError(f"{weights} holds no adapter tensors.")
 
-    scope = scope_of(model)
     check_targets(scope, dict.fromkeys(by_path), str(directory), dict.fromkeys(by_path, [name]))
+    empty = [q for q in whole if not any(k.startswith(q + ".") for k in values)]
+    if empty:  # an entry naming no module at all is PEFT's task default ("classifier" on a model with "score")
+        raise PeftFormatError(
+            f"{directory / CONFIG_NAME}: modules_to_save names {empty[0]}, but {weights} holds no state for it, so "
+            "its trained values are not there. Re-save the adapter with PEFT, or drop that entry from the config."
+        )
+    unfrozen = dict.fromkeys(whole, name)
+    trainable.check(scope, unfrozen, f"surgery.import_peft({directory})", dict.fromkeys(by_path, [name]))
+    trainable.check_values(scope, unfrozen, values, str(weights), keys)
     plan, names = {}, {}
     for path, found in by_path.items():
         base = scope.base(path)
@@ -528,4 +582,5 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, name: str = D
             fill_value(str(weights), key, tensors[key], t, site, squeeze=True)
 
     install(scope, {p: {name: v} for p, v in plan.items()}, loading=True, fill=fill)
+    trainable.hold(scope, unfrozen, values)
     return model

@@ -249,7 +249,7 @@ def match(
                 + (f", or name one, e.g. {_show(inside[0])}." if inside else " (it holds none).")
             )
         if strict and not hit:
-            _raise_no_match(pat, skip, candidates, is_adaptable)
+            raise_no_match(pat, skip, candidates, is_adaptable)
         if strict and pat.literal and skip:
             _raise_unsupported(pat, skip, candidates, is_adaptable)
     return result
@@ -265,7 +265,7 @@ def _raise_unsupported(pat: Pattern, skip: list[str], candidates, is_adaptable) 
     )
 
 
-def _raise_no_match(pat: Pattern, skip: list[str], candidates, is_adaptable) -> None:
+def raise_no_match(pat: Pattern, skip: list[str], candidates, is_adaptable) -> None:
     if skip:
         _raise_unsupported(pat, skip, candidates, is_adaptable)
     paths = list(candidates)

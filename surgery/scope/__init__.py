@@ -11,13 +11,13 @@ from torch import nn
 
 from ..errors import AdaptersDisabledError, WhereTypeError
 from ..capture import is_traced
-from .base import Base, Emit, Scope, Staged, Txn
+from .base import Base, Emit, Scope, Staged, Txn, Unfrozen
 from .graph import GraphScope
 from .module import ModuleScope
 
 DISABLED = "_surgery_disabled"  # set on a model while `surgery.disabled(model)` is open
 
-__all__ = ["scope_of", "unwrap", "DISABLED", "Scope", "ModuleScope", "GraphScope", "Base", "Staged", "Txn", "Emit"]
+__all__ = ["scope_of", "unwrap", "DISABLED", "Scope", "ModuleScope", "GraphScope", "Base", "Staged", "Txn", "Emit", "Unfrozen"]
 
 
 def unwrap(model: Any) -> Any:

@@ -15,9 +15,10 @@ again, putting back the original modules or, for ``merge``, modules holding the 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import copy
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -78,6 +79,18 @@ def record(base: Base, ctx: SiteInit, parts: list[Part], **nodes: str) -> SiteRe
     )
 
 
+@dataclass
+class Unfrozen:
+    """A whole module that trains with adapter ``name`` and travels with it (``surgery.unfreeze``)."""
+
+    path: str
+    name: str
+    # the values to give back on restore: module scope keeps a frozen deep copy (the live module trains in place,
+    # so an optimizer built before holds its Parameters); graph scope keeps the module object that was at the
+    # path, shared with the eager model, and trains a copy, since graph-scope calls never write the eager model's
+    original: nn.Module
+
+
 class Txn:
     """The sites of one call, staged before any of them goes in."""
 
@@ -93,6 +106,7 @@ class Scope:
     """A model seen as a set of places where a linear map can be adapted."""
 
     noun = "model"  # how messages name the object: "model" or "GraphModule"
+    shares_weights = False  # graph scope: the model's Parameters are the eager model's too, never written
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -159,9 +173,57 @@ class Scope:
         """While open, every forward hands each path's input to ``emit``."""
         raise NotImplementedError
 
+    # ----- whole modules that train with an adapter (surgery.unfreeze) -----
+    def put(self, path: str, module: nn.Module) -> None:
+        parent, _, name = path.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, name, module)
+
+    def hold(self, path: str, name: str) -> Unfrozen:
+        """Make the module at ``path`` the one that trains, keeping what ``release`` gives back."""
+        live = self.model.get_submodule(path)
+        original = copy.deepcopy(live)
+        if self.shares_weights:
+            self.put(path, original)  # the copy trains; the shared module is what restore puts back
+            original, live = live, original
+        for p in original.parameters():
+            p.requires_grad_(False)
+        return Unfrozen(path, name, original)
+
+    def release(self, rec: Unfrozen, keep: bool) -> None:
+        """Give back the original values at ``rec.path`` (``keep``: leave the trained ones, as plain weights)."""
+        if keep:
+            return
+        if self.shares_weights:
+            self.put(rec.path, rec.original)
+            return
+        live = self.model.get_submodule(rec.path).state_dict(keep_vars=True)
+        with torch.no_grad():
+            for k, t in rec.original.state_dict(keep_vars=True).items():
+                live[k].copy_(t)
+
+    @contextmanager
+    def originals_in(self, records: list[Unfrozen]) -> Iterator[None]:
+        """While open, each unfrozen path holds its original values (``surgery.disabled``)."""
+        swapped = []
+        try:
+            for rec in records:
+                swapped.append((rec.path, self.model.get_submodule(rec.path)))
+                self.put(rec.path, rec.original)
+            yield
+        finally:
+            for path, live in swapped:
+                self.put(path, live)
+
     # ----- bookkeeping kept with the model while it has sites -----
     def get_flags(self) -> dict[str, bool] | None:
         raise NotImplementedError
 
     def set_flags(self, flags: dict[str, bool] | None) -> None:
+        raise NotImplementedError
+
+    def get_unfrozen(self) -> dict[str, Unfrozen]:
+        """path -> Unfrozen, in the order they were unfrozen (a copy: change it with ``set_unfrozen``)."""
+        raise NotImplementedError
+
+    def set_unfrozen(self, unfrozen: dict[str, Unfrozen]) -> None:
         raise NotImplementedError

@@ -267,6 +267,7 @@ class GraphTxn(Txn):
 
 class GraphScope(Scope):
     noun = "GraphModule"
+    shares_weights = True
 
     def _regions(self) -> dict[str, Region]:
         """regions() of the current graph, found once per call: base() is asked once per site."""
@@ -446,6 +447,15 @@ class GraphScope(Scope):
 
     def set_flags(self, flags) -> None:
         _state(self.model)["flags"] = flags
+
+    def get_unfrozen(self):
+        return dict(_state(self.model).get("unfrozen", {}))
+
+    def set_unfrozen(self, unfrozen) -> None:
+        if unfrozen:
+            _state(self.model)["unfrozen"] = dict(unfrozen)
+        else:
+            _state(self.model).pop("unfrozen", None)
 
 
 _EMIT: dict[int, Any] = {}  # live tap callbacks by id: graph arguments must be plain values

@@ -21,6 +21,7 @@ from .base import Base, Emit, Scope, Staged, Txn, record
 
 _PLAIN = tuple(c for c in (nn.Linear, Conv1D) if isinstance(c, type))
 _FLAGS = "_surgery_requires_grad"  # original requires_grad of every parameter, kept on the model while it has sites
+_UNFROZEN = "_surgery_unfrozen"  # surgery.unfreeze's records, kept on the model while it has any
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -287,4 +288,13 @@ class ModuleScope(Scope):
             self.model.__dict__.pop(_FLAGS, None)
         else:
             self.model.__dict__[_FLAGS] = flags
+
+    def get_unfrozen(self):
+        return dict(self.model.__dict__.get(_UNFROZEN, {}))
+
+    def set_unfrozen(self, unfrozen) -> None:
+        if unfrozen:
+            self.model.__dict__[_UNFROZEN] = dict(unfrozen)
+        else:
+            self.model.__dict__.pop(_UNFROZEN, None)
 
