@@ -12,7 +12,10 @@ A variant is a frozen dataclass of hyper-parameters plus three pieces of behavio
    code. ``x`` is the site input, ``y`` the base output ``x W^T + b``, ``weight`` is W in
    nn.Linear layout (d_out, d_in) whatever the storage layout, ``bias`` is b or None, and ``t``
    gives the variant's tensors and modules by name (``t.lora_A``) and static facts about the site
-   as ``t.site`` (path, d_in, d_out, layout, spec: fixed at trace time, so plain ``if`` works). The engine traces this
+   as ``t.site`` (path, d_in, d_out, layout, spec: fixed at trace time, so plain ``if`` works). On an
+   embedding (layout 'embedding') x holds token ids and W is the table transposed, (dim, num_embeddings);
+   on a convolution ('conv') x is the image and W the kernel flattened to (out, in * prod(kernel)); only a
+   variant that lists those layouts in ``layouts`` is ever given them. The engine traces this
    function with torch.fx and splices the resulting ops into the site's graph, so the same
    definition serves a single leaf and a whole-model graph. When the adapter dtype differs from
    the base dtype, the engine casts x, y, weight and bias in and the result back out.
