@@ -64,6 +64,10 @@ class _Holder(nn.Module):
     def forward(self, x, y, weight, bias):
         if self._ref is None:
             return self._variant.forward(x, y, weight, bias, self)
+        if self.site.layout == "embedding":  # x holds token ids: the dtypes are y's, and the ids stay integers
+            dt = compute_dtype(_fetch(self, self._ref), y)
+            out = self._variant.forward(x, y.to(dt), weight.to(dt), None, self)
+            return out.to(y.dtype) if isinstance(out, fx.Proxy) else out
         dt = compute_dtype(_fetch(self, self._ref), x)
         out = self._variant.forward(x.to(dt), y.to(dt), weight.to(dt), None if bias is None else bias.to(dt), self)
         return out.to(x.dtype) if isinstance(out, fx.Proxy) else out  # anything else: trace_variant names it

@@ -265,3 +265,35 @@ def test_tied_embedding_leaves_lm_head_alone():
     assert not torch.equal(model.model.embed_tokens.weight, W), "the fold went into the embedding only"
     assert model.config.tie_word_embeddings is False
     assert rel_err(LLAMA.out(model, x), adapted) <= 1e-5
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_bf16_embedding_keeps_ids_integer(scope):
+    base = LLAMA.model(dtype=torch.bfloat16)
+    model = in_scope(scope, base, **LLAMA.inputs())
+    x = LLAMA.inputs()
+    ref = LLAMA.out(model, x)
+    surgery.rewrite(model, LoRA(r=4), LLAMA_NET.where)
+    site = surgery.sites(model)["model.embed_tokens"]
+    assert site.lora_A.dtype == torch.float32, "float32 adapters on a bf16 base, as PEFT"
+    assert rel_err(LLAMA.out(model, x), ref) == 0.0
+    randomise_adapters(model, scale=0.1, seed=3)
+    adapted = LLAMA.out(model, x)
+    assert adapted.dtype == torch.bfloat16 and rel_err(adapted, ref) > 1e-2
+    surgery.merge(model)
+    assert rel_err(LLAMA.out(model, x), adapted) <= 3e-2  # the bf16 rounding of the merged weight, as in cases.py
+
+
+def test_conv3d_matches_peft():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv3d(2, 4, (3, 2, 2), stride=(1, 2, 1), padding=1)).eval()
+    ours = copy.deepcopy(base)
+    surgery.rewrite(ours, LoRA(r=4, alpha=12), "0")
+    pm = peft_twin(base, ["0"])
+    copy_across(pm, ours)
+    x = torch.randn(2, 2, 5, 6, 4)
+    assert rel_err(pm(x), base(x)) > 1e-3
+    assert rel_err(ours(x), pm(x)) <= 1e-5
+    out = ours(x)
+    surgery.merge(ours)
+    assert type(ours[0]) is nn.Conv3d and rel_err(ours(x), out) <= 1e-5
