@@ -17,7 +17,7 @@ from adapters import IA3, LoRA
 from cases import CASES
 from models import LLAMA, SCOPES, in_scope, randomise_adapters, rel_err
 from peft_twin import randomise_peft
-from surgery.errors import ConfigError, UnsupportedModuleError
+from surgery.errors import ConfigError, GraphScopeError, UnsupportedModuleError
 
 
 class CNN(nn.Module):
@@ -243,13 +243,24 @@ def test_convs_and_embeddings_lora_cannot_match_are_refused():
         surgery.rewrite(nn.Sequential(Scaled(10, 4)), LoRA(r=2), "0")
 
 
-def test_tied_embedding_leaves_lm_head_alone():
+def tied_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         tie_word_embeddings=True)).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=True)).eval()
+
+
+def test_tied_embedding_is_refused_in_graph_scope_naming_the_tie():
+    gm = surgery.trace(tied_llama(), **LLAMA.inputs())
+    with pytest.raises(GraphScopeError, match=r"model.embed_tokens.*tied to lm_head.weight.*Module scope handles it"):
+        surgery.rewrite(gm, LoRA(r=4), "model.embed_tokens")
+    assert not surgery.sites(gm)
+
+
+def test_tied_embedding_leaves_lm_head_alone():
+    model = tied_llama()
     W = model.lm_head.weight.detach().clone()
     h = torch.randn(3, 32)
     head_before = model.lm_head(h)

@@ -103,6 +103,12 @@ _CONVS = (_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default, _ate
           _aten.conv2d.padding, _aten.conv3d.padding)
 
 
+def _tied(modules: dict[str, nn.Module], path: str) -> list[str]:
+    """The other modules of the traced model holding the very weight Parameter of ``path``."""
+    w = getattr(modules.get(path), "weight", None)
+    return [p for p, m in modules.items() if p != path and w is not None and getattr(m, "weight", None) is w]
+
+
 def _holder(module: nn.Module) -> nn.Module:
     """A shallow copy with its own parameter/buffer/module tables: same tensors, separate names."""
     new = copy.copy(module)
@@ -310,6 +316,14 @@ class GraphScope(Scope):
             return Base(path, rec.layout, rec.base_class, self.model.get_submodule(path),
                         site=GraphSite(self.model, rec, self.model.get_submodule(path)), spec=rec.spec)
         reg = self._regions().get(path)
+        tied = _tied(_state(self.model)["modules"], path) if reg is None else []
+        if tied:
+            raise GraphScopeError(
+                f"{path} cannot be a graph-scope site: its weight is tied to {tied[0]}.weight, and the traced graph "
+                f"reads that one Parameter under a single name for both, so neither call can be told apart as "
+                f"{path}'s region. Module scope handles it (surgery.rewrite on the eager model: an adapter on "
+                f"{path} leaves {tied[0]} unchanged, and merge unties them), or untie them before surgery.trace."
+            )
         if reg is None or reg.calls != 1:
             raise GraphScopeError(
                 f"{path} cannot be a graph-scope site: "
