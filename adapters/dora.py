@@ -41,6 +41,9 @@ from .lora import LoRA
 class DoRA(LoRA):
     needs_weight = True
     base_bound = True
+    # not LoRA's embedding and conv: its magnitude is a norm of W's rows, and the forward recomputes the layer as
+    # a linear map of x; PEFT's DoRA for embeddings and convs is not ported
+    layouts = ("linear", "conv1d")
 
     def init(self, site: SiteInit) -> dict[str, torch.Tensor]:
         tensors = super().init(site)

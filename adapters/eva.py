@@ -63,6 +63,8 @@ class EVA(LoRA):
 
     needs_calibration = True
     base_bound = True
+    # not LoRA's embedding and conv: calibration collects input rows of width d_in, which token ids and images are not
+    layouts = ("linear", "conv1d")
 
     def __post_init__(self):
         super().__post_init__()

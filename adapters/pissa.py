@@ -44,6 +44,8 @@ class PiSSA(LoRA):
     identity_tol = 1e-5
     needs_weight = True
     base_bound = True
+    # not LoRA's embedding and conv: the residual is a linear-layout SVD and nothing here reshapes it back
+    layouts = ("linear", "conv1d")
 
     def __post_init__(self):
         super().__post_init__()

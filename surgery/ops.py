@@ -39,9 +39,9 @@ from .errors import (
 from . import hf
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
-from .site import SiteAPI, dims, is_sharded, linear_weight
+from .site import SiteAPI, base_output, dims, is_sharded, layout, linear_weight, probe_input
 from .splice import DEFAULT, SCALE, Part
-from .variant import SiteInit, Variant
+from .variant import REGISTRY, SiteInit, Variant
 from .where import Matches, Where, match
 
 
@@ -52,7 +52,8 @@ def matches(scope: Scope, where: Where, *, strict: bool = True) -> Matches:
     """`where` over the scope's paths; sites count as matchable, so a second rewrite can name them."""
     cands = scope.candidates()
     ok = {id(cands[p]) for p in scope.adaptable() | set(scope.sites()) if p in cands}
-    return match(cands, lambda m: id(m) in ok, where, strict=strict)
+    return match(cands, lambda m: id(m) in ok, where, strict=strict,
+                 opt_in=lambda m: layout(m) in ("embedding", "conv"))
 
 
 def resolve(scope: Scope, where: Where, name: str = DEFAULT) -> list[str]:
@@ -118,12 +119,31 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
     scope = scope_of(model)
     paths = resolve(scope, where, name)
     plan: dict[str, Variant] = {p: variant for p in paths}
+    for p in paths:  # before calibration runs the model
+        require_layout(scope.base(p), variant, scope)
     states: dict[str, Any] = {}
     if variant.needs_calibration:
         states = collect(scope, variant, paths, calibration)
         plan = variant.configure(states)
     install(scope, {p: {name: v} for p, v in plan.items()}, states=states)
     return model
+
+
+_LAYERS = {"linear": "linear layer", "conv1d": "GPT-2 Conv1D", "embedding": "nn.Embedding", "conv": "convolution"}
+
+
+def require_layout(base: Base, variant: Variant, scope: Scope) -> None:
+    """Refuse a variant on a kind of layer it does not declare (``Variant.layouts``), before anything changes."""
+    if base.layout in variant.layouts:
+        return
+    can = sorted(n for n, cls in REGISTRY.items() if base.layout in cls.layouts)
+    raise ConfigError(
+        f"{variant.name} cannot adapt {base.path}, a {base.base_class} ({_LAYERS.get(base.layout, base.layout)}): "
+        f"it adapts {', '.join(_LAYERS.get(lay, lay) for lay in variant.layouts)} layers only, as its forward is "
+        f"written on a linear layer's input x and an embedding or convolution is a linear map only of one-hot rows "
+        f"or unfolded patches. Variants that adapt it: {', '.join(can) or 'none'}. Leave {base.path} out of `where` "
+        f"for {variant.name}; the {scope.noun} was left unchanged."
+    )
 
 
 def site_init(base: Base, variant: Variant, *, calibration: Any = None, loading: bool = False) -> SiteInit:
@@ -160,6 +180,7 @@ def site_init(base: Base, variant: Variant, *, calibration: Any = None, loading:
         weight=linear_weight(w.detach(), base.layout).to(dt) if dense else None,
         bias=None if b is None or not dense else b.detach().to(dt),
         dtype=variant.adapter_dtype(w.dtype), device=w.device, calibration=calibration, loading=loading,
+        layout=base.layout, spec=base.spec,
     )
 
 
@@ -225,6 +246,7 @@ def install(scope: Scope, plan: dict[str, dict[str, Variant]], *, states: dict[s
             raise _no_stack(scope, path, base.site.variant, next(iter(named)))
         parts, ctx = [], None
         for name, variant in named.items():
+            require_layout(base, variant, scope)
             ctx = site_init(base, variant, calibration=states.get(path), loading=loading)
             _call_variant(variant, "check", path, lambda: variant.check(ctx))
             require_bounded_rank(variant, ctx)
@@ -311,7 +333,8 @@ def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit, nam
     w = base.weight
     # one random row: a nonzero change of the output shows on it almost surely, and a single row runs as a
     # matrix-vector product, about three times cheaper than a few rows on a large weight
-    x = torch.randn(1, ctx.d_in, dtype=w.dtype, device=w.device)
+    spec = staged.site.record.spec
+    x = probe_input(base.layout, spec, ctx.d_in, w.dtype, w.device)
     with torch.no_grad():
         got, ref = staged.probe(x)
         if len(staged.site.active) > 1:
@@ -322,7 +345,7 @@ def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit, nam
             finally:
                 c.fill_(1)
         if ref is None:
-            ref = torch.nn.functional.linear(x, linear_weight(w, base.layout), base.bias)
+            ref = base_output(x, w, base.bias, base.layout, spec)
         if not torch.isfinite(ref).all():  # not the variant's fault: say so instead of blaming its init
             raise NonFiniteError(
                 f"the base weight or bias of {base.path} holds NaN or Inf, so no adapter there can start as the "

@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, ConfigError, NonFiniteError, PeftFormatError, clip
+from .errors import AdapterFileError, BaseMismatchError, ConfigError, NonFiniteError, PeftFormatError, clip
 from .io import atomic_write_all, decode, read_bytes, read_header
 from . import trainable
 from .ops import (all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite, require_unsharded,
@@ -134,7 +134,15 @@ def _export_lora(site: SiteAPI) -> _Part:
         grown = A.shape[0] / r
         r, alpha = A.shape[0], alpha * (math.sqrt(grown) if v.rslora else grown)
     shared = {"lora_dropout": v.dropout, "use_rslora": v.rslora, "use_dora": False}
-    return _Part("LORA", _lora_tensors(A, B, ts["lora_A"].dtype), shared, r=r, alpha=alpha)
+    dtype = ts["lora_A"].dtype
+    if site.layout == "embedding":  # PEFT's Embedding keeps bare Parameters under other names, same shapes
+        tensors = {"lora_embedding_A": A.to(dtype).contiguous(), "lora_embedding_B": B.to(dtype).contiguous()}
+    elif site.layout == "conv":  # PEFT's lora_A / lora_B are convs: the layer's kernel, then 1x1
+        shape = site.weight.shape
+        tensors = _lora_tensors(A.reshape(A.shape[0], *shape[1:]), B.reshape(*B.shape, *(1,) * (len(shape) - 2)), dtype)
+    else:
+        tensors = _lora_tensors(A, B, dtype)
+    return _Part("LORA", tensors, shared, r=r, alpha=alpha)
 
 
 def _export_dora(site: SiteAPI) -> _Part:
@@ -385,7 +393,10 @@ def _variant_class(name: str, peft_type: str):
 
 
 def _import_lora(config, path, tensors, site_dims):
-    A = tensors["lora_A.weight"]
+    embedding = "lora_embedding_A" in tensors or "lora_embedding_B" in tensors
+    A = tensors.get("lora_embedding_A" if embedding else "lora_A.weight")
+    if A is None:
+        raise AdapterFileError(f"{path}: the adapter has lora_B but no lora_A for this module; the file is incomplete.")
     r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"], "rank_pattern")
     alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"], "alpha_pattern")
     cls = _variant_class("DoRA" if config.get("use_dora") else "LoRA", "LORA")
@@ -395,7 +406,8 @@ def _import_lora(config, path, tensors, site_dims):
             f"{path}: lora_A has {A.shape[0]} rows but the config gives r={r} for this module; the adapter "
             "directory is inconsistent (config and tensors from different runs?)."
         )
-    names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    names = ({"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"} if embedding else
+             {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"})
     if config.get("use_dora"):
         names["lora_magnitude_vector"] = "lora_magnitude_vector"
     return v, names
@@ -428,7 +440,8 @@ def _import_road(config, path, tensors, site_dims):
 _IMPORT = {"LORA": _import_lora, "IA3": _import_ia3, "HRA": _import_hra, "DELORA": _import_delora,
            "ROAD": _import_road}
 _KEYS = {  # the tensor names PEFT saves per module, by peft_type
-    "LORA": ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_B.bias"),
+    "LORA": ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+             "lora_B.bias"),
     "IA3": ("ia3_l",),
     "HRA": ("hra_u",),
     "DELORA": ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),
@@ -534,8 +547,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, name: str = D
             raise PeftFormatError(
                 f"{weights}: tensor {clip(key)!r} is not a {peft_type} adapter tensor of the form "
                 f"'{PREFIX}<module>.<{'|'.join(known)}>', nor the state of a module its modules_to_save names "
-                "(trainable tokens and embeddings adapters are not supported). Re-create the adapter without them, "
-                "or merge it with PEFT."
+                "(trainable tokens are not supported). Re-create the adapter without them, or merge it with PEFT."
             )
         if suffix == "lora_B.bias":
             raise PeftFormatError(f"{weights}: {clip(key)} is a LoRA bias (lora_bias=true), which import_peft does not support.")
@@ -556,6 +568,16 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, name: str = D
     plan, names = {}, {}
     for path, found in by_path.items():
         base = scope.base(path)
+        if ("lora_embedding_A" in found or "lora_embedding_B" in found) != (base.layout == "embedding"):
+            raise BaseMismatchError(
+                f"{weights} holds {'an embedding' if base.layout != 'embedding' else 'a linear or conv'} LoRA for "
+                f"{clip(path)}, which in this {scope.noun} is a {scope.class_name(path)}; the adapter was saved for "
+                "another base. Load it onto the base it was trained on."
+            )
+        if base.layout == "conv":  # PEFT's conv kernels (r, in, *kernel) and (out, r, 1, ..): ours are flattened
+            for suffix in ("lora_A.weight", "lora_B.weight"):
+                if suffix in found and tensors[found[suffix]].dim() > 2:
+                    tensors[found[suffix]] = tensors[found[suffix]].flatten(1)
         saved = {suffix: tensors[key] for suffix, key in found.items()}
         try:  # the variant checks each value's type and range; say which file it came from
             plan[path], names[path] = _IMPORT[peft_type](config, path, saved, dims(base.weight, base.layout))

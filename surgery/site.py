@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.graph_module import _WrappedCall
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModuleError
 from .splice import ADAPTERS, DEFAULT, Stack, slot_prefix
 from .variant import SiteInfo, Variant
 
@@ -35,14 +37,50 @@ except ImportError:  # transformers is a dependency, but keep the engine importa
     Conv1D = ()
 
 
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """The call arguments of an nn.Embedding other than its weight (fixed at trace time)."""
+
+    padding_idx: int | None
+    scale_grad_by_freq: bool
+    sparse: bool
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The call arguments of an nn.Conv1d/2d/3d other than its weight and bias (fixed at trace time)."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    in_channels: int
+    out_channels: int
+
+    @property
+    def conv(self):
+        """F.conv1d, F.conv2d or F.conv3d, by the kernel's rank."""
+        return (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
+
+
+# exact classes only: a subclass (Gemma's scaled embedding, a conv with a custom forward) computes something
+# else than its weight alone says, so a fold of the adapter into that weight would not equal its forward
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def layout_of_class(cls: type) -> str | None:
-    """'linear' (weight d_out x d_in), 'conv1d' (weight d_in x d_out), or None if not adaptable."""
+    """'linear' (weight d_out x d_in), 'conv1d' (GPT-2's Conv1D, weight d_in x d_out), 'embedding'
+    (nn.Embedding, weight num_embeddings x dim: a linear map of one-hot rows, d_in = num_embeddings),
+    'conv' (nn.Conv1d/2d/3d, weight out x in x kernel: d_in = in * prod(kernel)), or None if not adaptable."""
     if issubclass(cls, Site):
         return None
     if issubclass(cls, nn.Linear):
         return "linear"
     if Conv1D and issubclass(cls, Conv1D):
         return "conv1d"
+    if cls is nn.Embedding:
+        return "embedding"
+    if cls in _CONVS:
+        return "conv"
     return None
 
 
@@ -57,9 +95,45 @@ def adaptable(module: nn.Module) -> bool:
     return layout_of_class(type(module)) is not None
 
 
+def op_spec(module: nn.Module) -> EmbeddingSpec | ConvSpec | None:
+    """What a variant needs to know of the base op beyond the weight's shape (None for linear maps), or
+    UnsupportedModuleError for settings under which the layer is not a fixed linear map of its weight."""
+    lay = layout(module)
+    if isinstance(module, Site):
+        return module.record.spec
+    if lay == "embedding":
+        if module.max_norm is not None:
+            raise UnsupportedModuleError(
+                f"this nn.Embedding has max_norm={module.max_norm}: every forward renormalises the rows it reads in "
+                "place, so the layer is not a fixed linear map of its weight and an adapter could neither match "
+                "PEFT nor fold exactly. Leave it out of `where`, or build it with max_norm=None."
+            )
+        return EmbeddingSpec(module.padding_idx, bool(module.scale_grad_by_freq), bool(module.sparse))
+    if lay == "conv":
+        name = type(module).__name__
+        bad = [f"{k}={v}" for k, v, ok in (("groups", module.groups, 1), ("padding_mode", module.padding_mode, "zeros"))
+               if v != ok]
+        if any(d != 1 for d in module.dilation):
+            bad.append(f"dilation={module.dilation}")
+        if bad:
+            raise UnsupportedModuleError(
+                f"this {name} has {', '.join(bad)}: LoRA on a conv (as in PEFT 0.21) is a {name} of the same kernel, "
+                "stride and padding followed by a 1x1 one, with zero padding, no dilation and one group, so it "
+                "would not match this layer's own geometry (PEFT does not merge grouped convs either). Leave it "
+                "out of `where`."
+            )
+        pad = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+        return ConvSpec(tuple(module.kernel_size), tuple(module.stride), pad, module.in_channels, module.out_channels)
+    return None
+
+
 def dims(weight: torch.Tensor, lay: str) -> tuple[int, int]:
     """(d_in, d_out) of a weight stored in layout ``lay``."""
-    return (weight.shape[1], weight.shape[0]) if lay == "linear" else (weight.shape[0], weight.shape[1])
+    if lay == "linear":
+        return weight.shape[1], weight.shape[0]
+    if lay == "conv":
+        return math.prod(weight.shape[1:]), weight.shape[0]
+    return weight.shape[0], weight.shape[1]  # conv1d, embedding: stored (d_in, d_out)
 
 
 def is_sharded(t: torch.Tensor | None) -> bool:
@@ -77,13 +151,43 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear_weight(w: torch.Tensor, lay: str) -> torch.Tensor:
-    """The weight in nn.Linear layout (d_out, d_in), whatever the storage layout."""
-    return w if lay == "linear" else w.t()
+    """The weight in nn.Linear layout (d_out, d_in), whatever the storage layout (a view, no copy)."""
+    if lay == "linear":
+        return w
+    if lay == "conv":  # (out, in, *kernel) -> (out, in * prod(kernel)): the map on unfolded patches
+        return w.flatten(1)
+    return w.t()
 
 
-def stored_weight(w: torch.Tensor, lay: str) -> torch.Tensor:
-    """The inverse of ``linear_weight``: an nn.Linear-layout weight in storage layout ``lay``."""
-    return w if lay == "linear" else w.t()
+def stored_weight(w: torch.Tensor, lay: str, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+    """The inverse of ``linear_weight``: an nn.Linear-layout weight in storage layout ``lay``; ``shape``, the
+    stored weight's shape, is needed for 'conv' (the kernel cannot be told from a flattened weight)."""
+    if lay == "linear":
+        return w
+    if lay == "conv":
+        if shape is None:
+            raise TypeError("stored_weight of a conv weight needs the stored shape")
+        return w.reshape(shape)
+    return w.t()
+
+
+def base_output(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lay: str, spec=None) -> torch.Tensor:
+    """The unadapted layer's output from its stored weight (for identity probes)."""
+    if lay == "embedding":
+        return F.embedding(x, w, spec.padding_idx)
+    if lay == "conv":
+        return spec.conv(x, w, b, spec.stride, spec.padding)
+    return F.linear(x, linear_weight(w, lay), b)
+
+
+def probe_input(lay: str, spec, d_in: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """One random input of the layer: a row (linear maps), a few token ids (embedding), or one small image
+    just larger than the kernel (conv)."""
+    if lay == "embedding":
+        return torch.randint(0, d_in, (1, 8), device=device)
+    if lay == "conv":
+        return torch.randn(1, spec.in_channels, *(k + 2 for k in spec.kernel_size), dtype=dtype, device=device)
+    return torch.randn(1, d_in, dtype=dtype, device=device)
 
 
 _ORDER = itertools.count()  # adapters are listed in the order they were added, across sites and calls
@@ -105,7 +209,7 @@ class SiteRecord:
     """What the engine keeps about one site, in both scopes."""
 
     path: str
-    layout: str  # storage layout of the base weight: 'linear' or 'conv1d'
+    layout: str  # storage layout of the base weight: 'linear', 'conv1d', 'embedding' or 'conv'
     base_class: str
     d_in: int
     d_out: int
@@ -123,6 +227,7 @@ class SiteRecord:
     # a runtime-strength blend follows ``out`` (added by the first set_scale); a site running several adapters
     # blends each one inside its forward, and counts as gated
     gated: bool = False
+    spec: EmbeddingSpec | ConvSpec | None = None  # the base op's other call arguments (see op_spec)
 
     @property
     def running(self) -> Stack:
@@ -180,7 +285,7 @@ class SiteAPI:
 
     @property
     def info(self) -> SiteInfo:
-        return SiteInfo(path=self.path, d_in=self.d_in, d_out=self.d_out, layout=self.layout)
+        return SiteInfo(path=self.path, d_in=self.d_in, d_out=self.d_out, layout=self.layout, spec=self.record.spec)
 
     @property
     def replaced_base(self) -> bool:

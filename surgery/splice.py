@@ -64,6 +64,10 @@ class _Holder(nn.Module):
     def forward(self, x, y, weight, bias):
         if self._ref is None:
             return self._variant.forward(x, y, weight, bias, self)
+        if self.site.layout == "embedding":  # x holds token ids: the dtypes are y's, and the ids stay integers
+            dt = compute_dtype(_fetch(self, self._ref), y)
+            out = self._variant.forward(x, y.to(dt), weight.to(dt), None, self)
+            return out.to(y.dtype) if isinstance(out, fx.Proxy) else out
         dt = compute_dtype(_fetch(self, self._ref), x)
         out = self._variant.forward(x.to(dt), y.to(dt), weight.to(dt), None if bias is None else bias.to(dt), self)
         return out.to(x.dtype) if isinstance(out, fx.Proxy) else out  # anything else: trace_variant names it
@@ -89,9 +93,9 @@ def tracer() -> fx.Tracer:
 
 class _Watched:
     """``t.site`` while a forward is traced: the same facts, noting whether the forward may have seen the
-    path (anything but d_in, d_out and layout, which every key holds, counts as the path)."""
+    path (anything but d_in, d_out, layout and spec, which every key holds, counts as the path)."""
 
-    _KEYED = ("d_in", "d_out", "layout")
+    _KEYED = ("d_in", "d_out", "layout", "spec")
 
     def __init__(self, info: SiteInfo):
         self.info, self.read_path = info, False
@@ -132,7 +136,7 @@ class Traces:
             has_bias: bool, site: SiteInfo, cast: bool) -> Hashable | None:
         """The kind of a site, or None when it cannot be told (a variant with an unhashable field)."""
         specs = tuple((n, tuple(t.shape), t.dtype, t.device.type) for n, t in tensors.items())
-        kind = (variant, site.d_in, site.d_out, site.layout, has_bias, cast, specs, tuple(modules))
+        kind = (variant, site.d_in, site.d_out, site.layout, site.spec, has_bias, cast, specs, tuple(modules))
         try:
             hash(kind)
         except TypeError:
@@ -342,6 +346,8 @@ def add_gate(graph: fx.Graph, *, x: str, y: str, out: str, layout: str, has_bias
     if y and not replaced:
         base = nodes[y]
     else:
+        if layout not in ("linear", "conv1d"):  # every variant on the other layouts reads y and keeps the weight
+            raise AssertionError(f"no base output to blend with at a site of layout {layout!r}")
         w = add("get_attr", prefix + (BASE_WEIGHT if replaced else "weight"))
         if layout == "conv1d":
             w = add("call_method", "t", (w,))

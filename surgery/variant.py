@@ -12,7 +12,10 @@ A variant is a frozen dataclass of hyper-parameters plus three pieces of behavio
    code. ``x`` is the site input, ``y`` the base output ``x W^T + b``, ``weight`` is W in
    nn.Linear layout (d_out, d_in) whatever the storage layout, ``bias`` is b or None, and ``t``
    gives the variant's tensors and modules by name (``t.lora_A``) and static facts about the site
-   as ``t.site`` (path, d_in, d_out, layout: fixed at trace time, so plain ``if`` works). The engine traces this
+   as ``t.site`` (path, d_in, d_out, layout, spec: fixed at trace time, so plain ``if`` works). On an
+   embedding (layout 'embedding') x holds token ids and W is the table transposed, (dim, num_embeddings);
+   on a convolution ('conv') x is the image and W the kernel flattened to (out, in * prod(kernel)); only a
+   variant that lists those layouts in ``layouts`` is ever given them. The engine traces this
    function with torch.fx and splices the resulting ops into the site's graph, so the same
    definition serves a single leaf and a whole-model graph. When the adapter dtype differs from
    the base dtype, the engine casts x, y, weight and bias in and the result back out.
@@ -24,7 +27,7 @@ every site of one rewrite with the same shape, layout, bias and tensor shapes, s
 on ``t.site.path`` says what of the path it reads with ``trace_key``):
 
 - no control flow on tensor values (``if t.lora_B.abs().sum() > 0`` cannot be traced); branch only
-  on Python values: the variant's own fields and ``t.site`` (path, d_in, d_out, layout);
+  on Python values: the variant's own fields and ``t.site`` (path, d_in, d_out, layout, spec);
 - build constant tensors from an input (``x.new_ones(8)``, ``t.lora_A.new_zeros(...)``) so they
   follow its dtype and device; a factory call such as ``torch.ones(8)`` is traced as a constant,
   which the engine copies onto the site as a non-persistent buffer (float32, on the CPU);
@@ -89,7 +92,10 @@ class SiteInfo:
     path: str
     d_in: int
     d_out: int
-    layout: str  # 'linear' or 'conv1d' (storage layout of the base weight)
+    layout: str  # storage layout of the base weight: 'linear', 'conv1d', 'embedding' or 'conv' (see surgery.site)
+    # the base op's call arguments beyond its weight: surgery.site.EmbeddingSpec (padding_idx, ...) or ConvSpec
+    # (kernel_size, stride, padding, ...); None for the linear layouts
+    spec: Any = None
 
 
 @dataclass
@@ -105,6 +111,8 @@ class SiteInit:
     device: torch.device
     calibration: Any = None  # what ``observe`` accumulated for this site
     loading: bool = False  # tensors will be overwritten from a file right after init
+    layout: str = "linear"  # as SiteInfo.layout: a variant listing other layouts in ``layouts`` may init by it
+    spec: Any = None  # as SiteInfo.spec
     new_weight: torch.Tensor | None = field(default=None, repr=False)
 
     def replace_weight(self, w: torch.Tensor) -> None:
@@ -132,6 +140,11 @@ class Variant:
     # reads the runtime strength c (surgery.scaled / set_scale) itself, as the 0-d tensor t.surgery_scale, in
     # forward and fold; otherwise the engine blends base and adapted outputs: y + c * (out - y)
     steered: ClassVar[bool] = False
+    # the storage layouts (SiteInfo.layout) whose layers this variant can adapt; anything else is refused before
+    # the model changes. The linear maps by default: an embedding or a conv is a linear map too, but only of
+    # one-hot rows or unfolded patches, so a forward written on x (a rescaled input, an inverse) would not be
+    # what its fold computes there. A variant lists 'embedding' / 'conv' only with a forward written for them.
+    layouts: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
 
     # ----- behaviour every variant provides -----
     def init(self, site: SiteInit) -> dict[str, torch.Tensor]:

@@ -11,6 +11,10 @@ Accepted forms, each matched against dotted module paths (``model.layers.0.self_
 Only adaptable modules (``surgery.site.adaptable``) become sites. A pattern that also covers
 containers or non-adaptable leaves (``model.layers.0.*`` covers LayerNorms) simply skips them;
 a pattern that covers nothing adaptable is an error naming what it did hit.
+
+Embeddings and convolutions are adaptable (by LoRA) but opt-in: a pattern, or one alternative of
+a brace glob, reaches them only when it reaches no linear layer. So ``"*"`` is still every linear
+layer, while ``"model.embed_tokens"``, ``"*.{embed_tokens,q_proj,v_proj}"`` or ``"*conv*"`` name them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Pattern:
     label: str
     test: Callable[[str, nn.Module], bool]
     literal: bool  # a plain path with no wildcard
+    alternatives: list[Callable[[str, nn.Module], bool]] | None = None  # a brace glob's expansions; None: [test]
 
 
 def _expand_braces(s: str) -> list[str]:
@@ -183,7 +188,8 @@ def compile_one(entry) -> Pattern:
     _check_brace_size(entry)
     alternatives = [_glob_tokens(a, entry) for a in _expand_braces(entry)]
     return Pattern(entry, lambda p, m: any(_glob_match(t, p) for t in alternatives),
-                   literal=not (_GLOB_CHARS & set(entry)))
+                   literal=not (_GLOB_CHARS & set(entry)),
+                   alternatives=[lambda p, m, t=t: _glob_match(t, p) for t in alternatives])
 
 
 def compile_where(where: Where) -> list[Pattern]:
@@ -220,10 +226,13 @@ def match(
     where: Where,
     *,
     strict: bool = True,
+    opt_in: Callable[[nn.Module], bool] | None = None,
 ) -> Matches:
     """Match `where` against ``candidates`` (path -> module, in model order).
 
-    With ``strict``, a pattern that hits no adaptable module raises.
+    With ``strict``, a pattern that hits no adaptable module raises. A module for which ``opt_in`` is true
+    (an embedding or a convolution) is hit only by an alternative that hits no other adaptable module: "*"
+    keeps meaning every linear layer, while "*.embed_tokens" or "*conv*" reach what they name.
     """
     patterns = compile_where(where)
     result = Matches()
@@ -238,6 +247,8 @@ def match(
                 skip.append(path)
             else:
                 containers.append(path)
+        if opt_in is not None and any(opt_in(candidates[p]) for p in hit):
+            hit = _opted_in(pat, hit, candidates, opt_in)
         result.hits[pat.label] = hit
         result.skipped[pat.label] = skip
         if strict and not hit and not skip and containers:
@@ -255,12 +266,24 @@ def match(
     return result
 
 
+def _opted_in(pat: Pattern, hit: list[str], candidates, opt_in) -> list[str]:
+    """``hit`` without the opt-in modules that only an alternative reaching ordinary layers too matched."""
+    ordinary = [p for p in hit if not opt_in(candidates[p])]
+    keep = set(ordinary)
+    for alt in pat.alternatives or [pat.test]:
+        if any(alt(p, candidates[p]) for p in ordinary):
+            continue
+        keep.update(p for p in hit if p not in keep and alt(p, candidates[p]))
+    return [p for p in hit if p in keep]
+
+
 def _raise_unsupported(pat: Pattern, skip: list[str], candidates, is_adaptable) -> None:
     kinds = ", ".join(f"{p} ({type(candidates[p]).__name__})" for p in skip[:5])
     adaptable = [p for p, m in candidates.items() if is_adaptable(m)]
     raise UnsupportedModuleError(
         f"`where` pattern {_show(pat.label)} matches only modules no variant can adapt: {kinds}"
-        f"{' ...' if len(skip) > 5 else ''}. Variants adapt linear layers (nn.Linear, GPT-2 Conv1D). "
+        f"{' ...' if len(skip) > 5 else ''}. Variants adapt linear layers (nn.Linear, GPT-2 Conv1D; LoRA also "
+        f"nn.Embedding and nn.Conv1d/2d/3d). "
         f"Adaptable paths look like: {', '.join(adaptable[:3]) or '(none in this model)'}."
     )
 

@@ -35,10 +35,11 @@ class Base:
     """The unadapted linear map at one path, as a scope found it."""
 
     path: str
-    layout: str  # storage layout: 'linear' or 'conv1d'
+    layout: str  # storage layout: 'linear', 'conv1d', 'embedding' or 'conv'
     base_class: str
     module: nn.Module  # the module at ``path`` (under export: a container of its parameters); a site's original
     site: SiteAPI | None = None  # the site already at ``path``, whose adapters a new build keeps
+    spec: Any = None  # the base op's other call arguments (surgery.site.op_spec)
 
     @property
     def weight(self) -> Any:  # the Parameter as stored (any dtype, possibly meta)
@@ -75,7 +76,7 @@ def record(base: Base, ctx: SiteInit, parts: list[Part], **nodes: str) -> SiteRe
         path=base.path, layout=base.layout, base_class=base.base_class, d_in=ctx.d_in, d_out=ctx.d_out,
         original=base.site.record.original if base.site is not None else base.module,
         adapters=adapters, active=tuple(p.name for p in parts if p.active),
-        replaced=ctx.new_weight is not None, gated=sum(p.active for p in parts) > 1, **nodes,
+        replaced=ctx.new_weight is not None, gated=sum(p.active for p in parts) > 1, spec=base.spec, **nodes,
     )
 
 

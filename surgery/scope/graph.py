@@ -29,11 +29,10 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import GraphScopeError
-from ..site import SiteAPI, SiteRecord, layout_of_class, linear_weight, stored_weight
+from ..errors import GraphScopeError, UnsupportedModuleError
+from ..site import SiteAPI, SiteRecord, base_output, layout_of_class, op_spec, stored_weight
 from ..splice import BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, place, slot_prefix, splice
 from ..capture import module_path, route
 from ..variant import SiteInfo, SiteInit
@@ -52,6 +51,7 @@ class Region:
     y: fx.Node
     first: fx.Node  # the region's first node: weight/bias get_attr nodes go before it
     calls: int  # how many times the module runs in the graph (graph scope needs exactly one)
+    x_arg: int = 0  # which argument of ``first`` is x (aten.embedding takes the weight first, the ids second)
 
 
 def _state(gm: fx.GraphModule) -> dict[str, Any]:
@@ -68,13 +68,13 @@ def regions(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Regi
     modules = _state(gm)["modules"]
     out: dict[str, Region] = {}
 
-    def add(path, lay, x, y, first):
+    def add(path, lay, x, y, first, x_arg=0):
         if lay is None or path not in modules or layout_of_class(type(modules[path])) != lay:  # e.g. a router computing F.linear with its weight
             return
         if path in out:
             out[path].calls += 1
         else:
-            out[path] = Region(path, lay, x, y, first, 1)
+            out[path] = Region(path, lay, x, y, first, 1, x_arg)
 
     fx_route = route(gm) == "fx"
     for n in graph.nodes:
@@ -92,7 +92,21 @@ def regions(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Regi
             if (isinstance(flat, fx.Node) and flat.target is _aten.view.default and len(users) == 1
                     and users[0].target is _aten.view.default and module_path(flat) == path):
                 add(path, "conv1d", flat.args[0], users[0], flat)
+        elif n.target is _aten.embedding.default and _get_attr_target(n.args[0]) == f"{path}.weight":
+            add(path, "embedding", n.args[1], n, n, x_arg=1)
+        elif n.target in _CONVS and _get_attr_target(n.args[1]) == f"{path}.weight":
+            add(path, "conv", n.args[0], n, n)
     return out
+
+
+_CONVS = (_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default, _aten.conv1d.padding,
+          _aten.conv2d.padding, _aten.conv3d.padding)
+
+
+def _tied(modules: dict[str, nn.Module], path: str) -> list[str]:
+    """The other modules of the traced model holding the very weight Parameter of ``path``."""
+    w = getattr(modules.get(path), "weight", None)
+    return [p for p, m in modules.items() if p != path and w is not None and getattr(m, "weight", None) is w]
 
 
 def _holder(module: nn.Module) -> nn.Module:
@@ -211,13 +225,13 @@ class GraphTxn(Txn):
     def stage(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
         gm, graph, path = self.gm, self.graph, base.path
         reg = self.found[path]
-        x = reg.first.args[0]  # now: a site spliced before this one may feed it (its adapted output)
+        x = reg.first.args[reg.x_arg]  # now: a site spliced before this one may feed it (its adapted output)
         original = base.module if base.site is None else base.site.record.original
         holder = _holder(original)
         if base.site is not None:  # the live base tensors (FSDP2 or load_state_dict(assign=True) may have new ones)
             holder._parameters["weight"], holder._parameters["bias"] = base.site.weight, base.site.bias
         if ctx.new_weight is not None:  # a new Parameter: the shared original stays untouched for restore
-            w = stored_weight(ctx.new_weight, reg.layout).to(holder.weight.dtype).contiguous()
+            w = stored_weight(ctx.new_weight, reg.layout, holder.weight.shape).to(holder.weight.dtype).contiguous()
             holder.weight = nn.Parameter(w, requires_grad=False)
             holder.register_buffer(BASE_WEIGHT, original.weight.detach(), persistent=False)
         stack, tensors, modules = place(holder, parts, holder.weight)
@@ -227,11 +241,12 @@ class GraphTxn(Txn):
         with graph.inserting_before(reg.first):
             w_node = graph.get_attr(f"{path}.weight")
             b_node = graph.get_attr(f"{path}.bias") if holder.bias is not None else None
-            w_lin = graph.call_method("t", (w_node,)) if reg.layout == "conv1d" else w_node
+            w_lin = (w_node if reg.layout == "linear" else graph.call_method("flatten", (w_node, 1))
+                     if reg.layout == "conv" else graph.call_method("t", (w_node,)))
         inputs = list(dict.fromkeys(n for n in (w_node, b_node, w_lin) if n is not None))  # in graph order
         for n in inputs:
             n.meta["surgery"] = dict(meta)
-        info = SiteInfo(path=path, d_in=ctx.d_in, d_out=ctx.d_out, layout=reg.layout)
+        info = SiteInfo(path=path, d_in=ctx.d_in, d_out=ctx.d_out, layout=reg.layout, spec=base.spec)
         vg, _ = self.traces.get(stack, tensors, modules, has_bias=holder.bias is not None, site=info,
                                 cast=ctx.dtype != holder.weight.dtype)
         add_constants(holder, vg)
@@ -253,7 +268,7 @@ class GraphTxn(Txn):
             try:
                 root, g = _region([*read, *new], x, reg.y, out, holder, path)
                 with torch.no_grad():
-                    y = F.linear(x_, linear_weight(holder.weight, rec.layout), holder.bias)
+                    y = base_output(x_, holder.weight, holder.bias, rec.layout, rec.spec)
                     got = fx.Interpreter(root.eval(), graph=g).run(x_, y)  # no code generated for a probe
                     return got, (None if rec.replaced else unmodified(y))
             finally:
@@ -300,8 +315,16 @@ class GraphScope(Scope):
         if path in self._records:  # a site getting another adapter: its region comes back in the transaction
             rec = self._records[path]
             return Base(path, rec.layout, rec.base_class, self.model.get_submodule(path),
-                        site=GraphSite(self.model, rec, self.model.get_submodule(path)))
+                        site=GraphSite(self.model, rec, self.model.get_submodule(path)), spec=rec.spec)
         reg = self._regions().get(path)
+        tied = _tied(_state(self.model)["modules"], path) if reg is None else []
+        if tied:
+            raise GraphScopeError(
+                f"{path} cannot be a graph-scope site: its weight is tied to {tied[0]}.weight, and the traced graph "
+                f"reads that one Parameter under a single name for both, so neither call can be told apart as "
+                f"{path}'s region. Module scope handles it (surgery.rewrite on the eager model: an adapter on "
+                f"{path} leaves {tied[0]} unchanged, and merge unties them), or untie them before surgery.trace."
+            )
         if reg is None or reg.calls != 1:
             raise GraphScopeError(
                 f"{path} cannot be a graph-scope site: "
@@ -311,7 +334,11 @@ class GraphScope(Scope):
                    f"it runs {reg.calls} times in the graph, and each call would need its own site")
                 + ". Rewrite the eager model instead (module scope), or leave it out of `where`."
             )
-        return Base(path, reg.layout, self.class_name(path), self.model.get_submodule(path))
+        try:
+            spec = op_spec(_state(self.model)["modules"][path])
+        except UnsupportedModuleError as e:
+            raise UnsupportedModuleError(f"cannot adapt {path}: {e}") from None
+        return Base(path, reg.layout, self.class_name(path), self.model.get_submodule(path), spec=spec)
 
     def class_name(self, path: str) -> str:
         return type(_state(self.model)["modules"][path]).__name__
@@ -380,7 +407,8 @@ class GraphScope(Scope):
             if folded is not None:  # new Parameters: the originals are shared with the eager model
                 W, b = folded(path)
                 module = _holder(rec.original)
-                module.weight = nn.Parameter(stored_weight(W, rec.layout).to(rec.original.weight.dtype).contiguous())
+                module.weight = nn.Parameter(stored_weight(W, rec.layout, rec.original.weight.shape)
+                                             .to(rec.original.weight.dtype).contiguous())
                 if b is not None:
                     module.bias = nn.Parameter(b.to(rec.original.bias.dtype))
             _set(gm, path, module)

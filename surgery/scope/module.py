@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import UnsupportedModuleError
-from ..site import COMPILED, Conv1D, Site, adaptable, layout, stored_weight
+from ..site import COMPILED, Conv1D, Site, adaptable, layout, op_spec, stored_weight
 from ..splice import BASE_WEIGHT, SCALE, Part, slot_prefix, Traces, add_constants, add_gate, place, splice, tracer
 from ..variant import SiteInfo, SiteInit
 from .base import Base, Emit, Scope, Staged, Txn, record
@@ -55,12 +55,13 @@ def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Template
     forward, so their generated code is the same text."""
     templates = templates or Templates()
     leaf, lay = base.module, base.layout
+    bias = getattr(leaf, "bias", None)  # an nn.Embedding has none at all
     root = nn.Module()
     root.register_parameter("weight", leaf.weight)
-    root.register_parameter("bias", leaf.bias)  # None stays a parameter slot, as on the leaf
+    root.register_parameter("bias", bias)  # None stays a parameter slot, as on the leaf
     stack, tensors, modules = place(root, parts, leaf.weight)
-    info = SiteInfo(path=base.path, d_in=ctx.d_in, d_out=ctx.d_out, layout=lay)
-    vg, key = templates.traces.get(stack, tensors, modules, has_bias=leaf.bias is not None, site=info,
+    info = SiteInfo(path=base.path, d_in=ctx.d_in, d_out=ctx.d_out, layout=lay, spec=base.spec)
+    vg, key = templates.traces.get(stack, tensors, modules, has_bias=bias is not None, site=info,
                                    cast=ctx.dtype != leaf.weight.dtype)
     add_constants(root, vg)
     meta = {"site": base.path, "variant": stack.short()}
@@ -97,10 +98,11 @@ def _first_site(leaf: nn.Module, lay: str, root: nn.Module, vg, meta: dict) -> t
     y = next(n for n in graph.nodes if n.op == "output").args[0]
     w = next(n for n in graph.nodes if n.op == "get_attr" and n.target == "weight")
     b = next((n for n in graph.nodes if n.op == "get_attr" and n.target == "bias"), None)
-    if lay == "conv1d":  # present W in (d_out, d_in) layout to the variant
+    if lay != "linear":  # present W in (d_out, d_in) layout to the variant
         with graph.inserting_after(w):
-            w = graph.call_method("t", (w,))
-    splice(graph, vg, x=x, y=y, weight=w, bias=b if leaf.bias is not None else None, prefix="", meta=meta)
+            w = graph.call_method("flatten", (w, 1)) if lay == "conv" else graph.call_method("t", (w,))
+    splice(graph, vg, x=x, y=y, weight=w, bias=b if getattr(leaf, "bias", None) is not None else None, prefix="",
+           meta=meta)
     site = Site(root, graph, class_name=type(leaf).__name__)
     site.graph.eliminate_dead_code()  # e.g. the base op, when a variant recomputes it from x (needs the module)
     site.graph.lint()
@@ -112,6 +114,19 @@ def _first_site(leaf: nn.Module, lay: str, root: nn.Module, vg, meta: dict) -> t
     return site, tpl
 
 
+def _give_back(leaf: nn.Module, site: Site) -> None:
+    leaf.weight = site.weight
+    if "bias" in leaf._parameters:  # not on an nn.Embedding: restore leaves it without a stray `bias`
+        leaf.bias = site.bias
+
+
+def _spec(path: str, leaf: nn.Module):
+    try:
+        return op_spec(leaf)
+    except UnsupportedModuleError as e:
+        raise UnsupportedModuleError(f"cannot adapt {path}: {e}") from None
+
+
 class ModuleTxn(Txn):
     def __init__(self):
         super().__init__()
@@ -119,7 +134,8 @@ class ModuleTxn(Txn):
 
     def stage(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
         site = build_site(base, parts, ctx, self.templates)
-        new = None if ctx.new_weight is None else stored_weight(ctx.new_weight, base.layout).to(base.weight.dtype)
+        new = None if ctx.new_weight is None else stored_weight(ctx.new_weight, base.layout,
+                                                                base.weight.shape).to(base.weight.dtype)
 
         def probe(x: torch.Tensor) -> tuple[torch.Tensor, None]:
             was = site.training
@@ -163,8 +179,8 @@ class ModuleScope(Scope):
             )
         leaf = self.model.get_submodule(path)
         if isinstance(leaf, Site):  # a site getting another adapter: built again around the original leaf
-            return Base(path, leaf.layout, leaf.base_class, leaf.base, site=leaf)
-        return Base(path, layout(leaf), type(leaf).__name__, leaf)
+            return Base(path, leaf.layout, leaf.base_class, leaf.base, site=leaf, spec=leaf.record.spec)
+        return Base(path, layout(leaf), type(leaf).__name__, leaf, spec=_spec(path, leaf))
 
     def aliases(self, path: str) -> list[str]:
         if getattr(self, "_paths_of", None) is None:  # every path of every module object, found once per call
@@ -210,11 +226,11 @@ class ModuleScope(Scope):
             leaf = site.base
             # the site's Parameters are the ones that lived on since the rewrite (model.to_empty() or a
             # load_state_dict(assign=True) replaces them); the leaf takes those, not its stale originals
-            leaf.weight, leaf.bias = site.weight, site.bias
+            _give_back(leaf, site)
             with torch.no_grad():
                 if folded is not None:
                     W, b = folded(path)
-                    w = stored_weight(W, site.layout).to(leaf.weight.dtype)
+                    w = stored_weight(W, site.layout, leaf.weight.shape).to(leaf.weight.dtype)
                     if path in untie:
                         leaf.weight = nn.Parameter(w.contiguous(), requires_grad=leaf.weight.requires_grad)
                     else:
@@ -245,7 +261,7 @@ class ModuleScope(Scope):
         try:
             for path, site in sites.items():
                 leaf = site.base
-                leaf.weight, leaf.bias = site.weight, site.bias  # the live Parameters, as in remove()
+                _give_back(leaf, site)  # the live Parameters, as in remove()
                 if site.replaced_base:
                     leaf._parameters["weight"] = nn.Parameter(site.kept_weight, requires_grad=False)
                 # the leaf shows the site's buffers meanwhile: DDP re-reads a model's buffers at every forward
