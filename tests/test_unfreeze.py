@@ -5,7 +5,6 @@ is named when saving; bad input leaves the model as it was. In both scopes."""
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 
