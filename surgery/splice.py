@@ -234,8 +234,11 @@ class Part:
         prefix = slot_prefix(self.name)
         tensors: dict[str, torch.Tensor] = {}
         for n, t in self.tensors.items():
-            if n not in self.variant.frozen and not isinstance(t, nn.Parameter):
-                t = nn.Parameter(t)
+            if not isinstance(t, nn.Parameter):
+                # an SVD's factors come out strided (PiSSA's A and B); FSDP2's fully_shard refuses those
+                t = t.contiguous()
+                if n not in self.variant.frozen:
+                    t = nn.Parameter(t)
             put(root, prefix + n, t)
             tensors[prefix + n] = t
         if self.modules is None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import surgery
-from adapters import LoRA
+from adapters import LoRA, PiSSA
 from surgery import errors as E
 
 
@@ -58,6 +58,9 @@ def main(out: str) -> None:
         "export": outcome(lambda: surgery.export_peft(model, f"{out}/peft")),
         "disabled": outcome(lambda: surgery.disabled(model).__enter__()),
     }
+    pissa = toy()  # its A and B come from an SVD: fully_shard refused them while they were strided
+    surgery.rewrite(pissa, PiSSA(r=2), "*")
+    result["pissa_shard"] = outcome(lambda: [fully_shard(s) for s in surgery.sites(pissa).values()])
     sharded_base = toy()
     fully_shard(sharded_base)
     result["rewrite_sharded"] = outcome(lambda: surgery.rewrite(sharded_base, LoRA(r=2), "*"))

@@ -25,6 +25,7 @@ def test_fsdp2_save_gathers_and_whole_weight_verbs_refuse(tmp_path):
         assert r["merge"] == r["export"] == r["disabled"] == r["rewrite_sharded"] == "ShardedModelError", r
         assert r["reload_max_diff"] <= 1e-6 and r["trained"], r  # the same file, whole, on every rank
         assert r["kept_whole_weights"] == 0, r  # no rank keeps an unsharded copy of an adapted weight
+        assert r["pissa_shard"] == "ran", r
         # DDP: ranks trained on different batches and still hold one adapter, which the file reproduces
         assert r["ddp_spread"] == 0.0 and r["ddp_moved"] and r["ddp_reload_max_diff"] <= 1e-6, r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "ddp.safetensors"]

@@ -412,3 +412,15 @@ def test_export_peft_lays_named_adapters_out_as_peft_does(scope, tmp_path):
     assert surgery.adapter_names(fresh) == ["default", "second"]
     surgery.activate(fresh, "second")
     assert rel_err(LLAMA.out(fresh, ids), LLAMA.out(model, ids)) < 1e-6
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_adapter_tensors_are_contiguous(scope, case):
+    """FSDP2's fully_shard refuses strided parameters (an SVD's factors, as PiSSA's A and B came out)."""
+    model = toy(scope)
+    calibration = [torch.randn(64, 16, generator=torch.Generator().manual_seed(2))] if case.calibration else None
+    surgery.rewrite(model, case.variant, "*", calibration=calibration)
+    strided = [f"{p}.{n}" for p, s in surgery.sites(model).items() for n, t in s.adapter_tensors().items()
+               if not t.is_contiguous()]
+    assert not strided, strided
