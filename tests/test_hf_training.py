@@ -161,7 +161,6 @@ def test_checkpoint_sizes_example_against_peft():
     import importlib.util
     from pathlib import Path
 
-    pytest.importorskip("peft")
     path = Path(__file__).resolve().parents[1] / "examples" / "checkpoint_sizes.py"
     spec = importlib.util.spec_from_file_location("checkpoint_sizes", path)
     module = importlib.util.module_from_spec(spec)
