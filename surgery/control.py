@@ -236,8 +236,8 @@ def _combined(path: str, sources: list[tuple[AdapterView, float]], how: str, r: 
         B = torch.cat([v.adapter_tensors()["lora_B"].detach().double() * (w * v.variant.scale) for v, w in sources], 1)
         return A, B
     delta = None
+    W0, b0 = sources[0][0].fold(torch.float64, at=0.0)  # the site's base: the same for every source
     for v, w in sources:
-        W0, b0 = v.fold(torch.float64, at=0.0)
         W1, b1 = v.fold(torch.float64, at=1.0)
         if b0 is not None and not torch.equal(b0, b1):
             raise ConfigError(

@@ -162,7 +162,7 @@ def _accelerator_hooks(accelerator: Any) -> Any:
 
 def _load_in_place(model: nn.Module, path: Path) -> None:
     from .inspect import sites
-    from .io import decode, entry_prefix, load, read_bytes, read_header, read_metadata
+    from .io import decode, file_entries, load, read_bytes, read_header, read_metadata
 
     live = sites(model)
     if not live:
@@ -171,7 +171,7 @@ def _load_in_place(model: nn.Module, path: Path) -> None:
     data = read_bytes(path)
     header = read_header(path, data)
     saved = read_metadata(path, header=header)["sites"]
-    here = {entry_prefix(p, n): s.adapter(n) for p, s in live.items() for n in s.names}
+    here = file_entries(live)
     if saved.keys() != here.keys():
         extra, missing = sorted(saved.keys() - here.keys()), sorted(here.keys() - saved.keys())
         raise ConfigError(

@@ -223,12 +223,17 @@ def entry_prefix(path: str, name: str) -> str:
     return path + ("." + slot_prefix(name)[:-1] if name != DEFAULT else "")
 
 
+def file_entries(sites: dict[str, SiteAPI], name: str | None = None) -> dict[str, SiteAPI]:
+    """Each adapter (or only adapter ``name``) of ``sites`` by the prefix of its tensors in a file."""
+    return {entry_prefix(p, n): s.adapter(n) for p, s in sites.items() for n in s.names if name in (None, n)}
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) -> None:
     """Write the adapters (or only adapter ``name``): tensors, configs and base fingerprint, to a safetensors
     file, atomically. Each adapter is written as trained (strength 1), with whether it was active."""
     scope = scope_of(model)
     sites = all_sites(scope)
-    views = {entry_prefix(p, n): s.adapter(n) for p, s in sites.items() for n in s.names if name in (None, n)}
+    views = file_entries(sites, name)
     if not views:
         raise ConfigError(
             f"cannot save adapter {name!r}: this {scope.noun} has no adapter of that name; its adapters are "

@@ -95,16 +95,17 @@ def adaptable(module: nn.Module) -> bool:
     return layout_of_class(type(module)) is not None
 
 
-def op_spec(module: nn.Module) -> EmbeddingSpec | ConvSpec | None:
-    """What a variant needs to know of the base op beyond the weight's shape (None for linear maps), or
-    UnsupportedModuleError for settings under which the layer is not a fixed linear map of its weight."""
+def op_spec(path: str, module: nn.Module) -> EmbeddingSpec | ConvSpec | None:
+    """What a variant needs to know of the base op at ``path`` beyond the weight's shape (None for linear maps),
+    or UnsupportedModuleError for settings under which the layer is not a fixed linear map of its weight."""
     lay = layout(module)
     if isinstance(module, Site):
         return module.record.spec
     if lay == "embedding":
         if module.max_norm is not None:
             raise UnsupportedModuleError(
-                f"this nn.Embedding has max_norm={module.max_norm}: every forward renormalises the rows it reads in "
+                f"cannot adapt {path}: this nn.Embedding has max_norm={module.max_norm}: every forward renormalises "
+                "the rows it reads in "
                 "place, so the layer is not a fixed linear map of its weight and an adapter could neither match "
                 "PEFT nor fold exactly. Leave it out of `where`, or build it with max_norm=None."
             )
@@ -117,7 +118,8 @@ def op_spec(module: nn.Module) -> EmbeddingSpec | ConvSpec | None:
             bad.append(f"dilation={module.dilation}")
         if bad:
             raise UnsupportedModuleError(
-                f"this {name} has {', '.join(bad)}: LoRA on a conv (as in PEFT 0.21) is a {name} of the same kernel, "
+                f"cannot adapt {path}: this {name} has {', '.join(bad)}: LoRA on a conv (as in PEFT 0.21) is a "
+                f"{name} of the same kernel, "
                 "stride and padding followed by a 1x1 one, with zero padding, no dilation and one group, so it "
                 "would not match this layer's own geometry (PEFT does not merge grouped convs either). Leave it "
                 "out of `where`."

@@ -31,9 +31,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import GraphScopeError, UnsupportedModuleError
+from ..errors import GraphScopeError
 from ..site import SiteAPI, SiteRecord, base_output, layout_of_class, op_spec, stored_weight
-from ..splice import BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, place, slot_prefix, splice
+from ..splice import BASE_WEIGHT, SCALE, Part, Traces, put, add_constants, add_gate, place, slot_prefix, splice
 from ..capture import module_path, route
 from ..variant import SiteInfo, SiteInit
 from .base import Base, Emit, Scope, Staged, Txn, record, unmodified
@@ -121,22 +121,9 @@ def _holder(module: nn.Module) -> nn.Module:
     return new
 
 
-def _set(gm: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
-
 
 def _spliced(graph: fx.Graph, path: str) -> list[fx.Node]:
     return [n for n in graph.nodes if n.meta.get("surgery", {}).get("site") == path]
-
-
-def _set_nested(root: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, name = path.split(".")
-    for p in parents:
-        if not hasattr(root, p):
-            root.add_module(p, nn.Module())
-        root = getattr(root, p)
-    root.add_module(name, module)
 
 
 def _region(spliced: list[fx.Node], x: fx.Node, y: fx.Node, out: fx.Node, holder: nn.Module,
@@ -148,7 +135,7 @@ def _region(spliced: list[fx.Node], x: fx.Node, y: fx.Node, out: fx.Node, holder
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[out])
     root = nn.Module()
-    _set_nested(root, path, holder)
+    put(root, path, holder)
     return root, g
 
 
@@ -334,10 +321,7 @@ class GraphScope(Scope):
                    f"it runs {reg.calls} times in the graph, and each call would need its own site")
                 + ". Rewrite the eager model instead (module scope), or leave it out of `where`."
             )
-        try:
-            spec = op_spec(_state(self.model)["modules"][path])
-        except UnsupportedModuleError as e:
-            raise UnsupportedModuleError(f"cannot adapt {path}: {e}") from None
+        spec = op_spec(path, _state(self.model)["modules"][path])
         return Base(path, reg.layout, self.class_name(path), self.model.get_submodule(path), spec=spec)
 
     def class_name(self, path: str) -> str:
@@ -358,7 +342,7 @@ class GraphScope(Scope):
                             inputs={p: r.x for p, r in self._records.items()})
         try:
             for path, st in txn.staged.items():
-                _set(gm, path, st.site.holder)
+                self.put(path, st.site.holder)
                 st.site._graph = None  # from now on the site reads the GraphModule's graph
             txn.graph.lint()
             gm.graph = txn.graph  # the setter recompiles
@@ -377,7 +361,7 @@ class GraphScope(Scope):
         self._found = None
         gm, prev = self.model, txn.previous
         for path, holder in prev["holders"].items():
-            _set(gm, path, holder)
+            self.put(path, holder)
         self._records.clear()
         self._records.update(prev["records"])
         for p, x in prev["inputs"].items():
@@ -411,7 +395,7 @@ class GraphScope(Scope):
                                              .to(rec.original.weight.dtype).contiguous())
                 if b is not None:
                     module.bias = nn.Parameter(b.to(rec.original.bias.dtype))
-            _set(gm, path, module)
+            self.put(path, module)
 
     def gate(self, paths: list[str]) -> None:
         gm = self.model

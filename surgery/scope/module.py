@@ -24,10 +24,6 @@ _FLAGS = "_surgery_requires_grad"  # original requires_grad of every parameter, 
 _UNFROZEN = "_surgery_unfrozen"  # surgery.unfreeze's records, kept on the model while it has any
 
 
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
-
 
 @dataclass
 class _Template:
@@ -120,13 +116,6 @@ def _give_back(leaf: nn.Module, site: Site) -> None:
         leaf.bias = site.bias
 
 
-def _spec(path: str, leaf: nn.Module):
-    try:
-        return op_spec(leaf)
-    except UnsupportedModuleError as e:
-        raise UnsupportedModuleError(f"cannot adapt {path}: {e}") from None
-
-
 class ModuleTxn(Txn):
     def __init__(self):
         super().__init__()
@@ -180,7 +169,7 @@ class ModuleScope(Scope):
         leaf = self.model.get_submodule(path)
         if isinstance(leaf, Site):  # a site getting another adapter: built again around the original leaf
             return Base(path, leaf.layout, leaf.base_class, leaf.base, site=leaf, spec=leaf.record.spec)
-        return Base(path, layout(leaf), type(leaf).__name__, leaf, spec=_spec(path, leaf))
+        return Base(path, layout(leaf), type(leaf).__name__, leaf, spec=op_spec(path, leaf))
 
     def aliases(self, path: str) -> list[str]:
         if getattr(self, "_paths_of", None) is None:  # every path of every module object, found once per call
@@ -200,7 +189,7 @@ class ModuleScope(Scope):
         try:
             for path, st in txn.staged.items():
                 txn.previous[path] = self.model.get_submodule(path)
-                _set(self.model, path, st.site)
+                self.put(path, st.site)
                 done.append(path)
                 if st.new_weight is not None:  # the leaf's own Parameter takes the new values; keep the old ones
                     st.site.register_buffer(BASE_WEIGHT, st.site.weight.detach().clone(), persistent=False)
@@ -215,7 +204,7 @@ class ModuleScope(Scope):
         for path in list(txn.staged) if paths is None else paths:
             prev = txn.previous[path]
             if isinstance(prev, Site):  # a site built again: the one it replaced goes back
-                _set(self.model, path, prev)
+                self.put(path, prev)
             else:
                 self.remove([path])
 
@@ -239,7 +228,7 @@ class ModuleScope(Scope):
                         leaf.bias.copy_(b.to(leaf.bias.dtype))
                 elif site.replaced_base:
                     leaf.weight.copy_(site.kept_weight)
-            _set(self.model, path, leaf)
+            self.put(path, leaf)
 
     def gate(self, paths: list[str]) -> None:
         for path in paths:
@@ -269,7 +258,7 @@ class ModuleScope(Scope):
                 mirrored = [n for n, b in site.named_buffers(recurse=False) if n not in leaf._buffers]
                 for n in mirrored:
                     leaf.register_buffer(n, site._buffers[n], persistent=False)
-                _set(self.model, path, leaf)
+                self.put(path, leaf)
                 swapped.append((path, site, mirrored))
             yield
         finally:
@@ -278,7 +267,7 @@ class ModuleScope(Scope):
                     del site.base._buffers[n]
                     site.base._non_persistent_buffers_set.discard(n)
                 site.base._parameters["weight"] = site.weight
-                _set(self.model, path, site)
+                self.put(path, site)
 
     @contextmanager
     def taps(self, paths: list[str], emit: Emit):
