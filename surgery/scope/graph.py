@@ -208,6 +208,10 @@ class GraphTxn(Txn):
         _unsplice(self.graph, rebuild)  # sites built again: their regions come back, to be spliced anew
         self.found = regions(gm, self.graph)
         self.traces = Traces()
+        # set by commit, for uncommit: the model's graph, site records and their inputs before it
+        self.graph_before: fx.Graph | None = None
+        self.records_before: dict[str, SiteRecord] = {}
+        self.inputs_before: dict[str, str] = {}
 
     def stage(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
         gm, graph, path = self.gm, self.graph, base.path
@@ -337,9 +341,11 @@ class GraphScope(Scope):
         self._found = None
         gm = self.model
         records = {p: st.site.record for p, st in txn.staged.items()}
-        txn.previous.update(graph=gm.graph, records=dict(self._records),
-                            holders={p: gm.get_submodule(p) for p in records},
-                            inputs={p: r.x for p, r in self._records.items()})
+        # what uncommit puts back: the module at each path (as module scope keeps it), the graph, the records and
+        # their inputs (a rebuilt site's new output renames the input of the sites it feeds)
+        txn.previous.update({p: gm.get_submodule(p) for p in records})
+        txn.graph_before, txn.records_before = gm.graph, dict(self._records)
+        txn.inputs_before = {p: r.x for p, r in self._records.items()}
         try:
             for path, st in txn.staged.items():
                 self.put(path, st.site.holder)
@@ -359,14 +365,13 @@ class GraphScope(Scope):
 
     def uncommit(self, txn: Txn) -> None:
         self._found = None
-        gm, prev = self.model, txn.previous
-        for path, holder in prev["holders"].items():
-            self.put(path, holder)
+        for path, module in txn.previous.items():
+            self.put(path, module)
         self._records.clear()
-        self._records.update(prev["records"])
-        for p, x in prev["inputs"].items():
+        self._records.update(txn.records_before)
+        for p, x in txn.inputs_before.items():
             self._records[p].x = x
-        gm.graph = prev["graph"]
+        self.model.graph = txn.graph_before
 
     def remove(self, paths, folded=None, untie=frozenset()) -> None:
         self._found = None
