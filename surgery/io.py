@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import trainable
-from .errors import AdapterFileError, BaseMismatchError, ConfigError, MetaDeviceError, NonFiniteError, OutputPathError, clip
+from .errors import AdapterFileError, BaseMismatchError, ConfigError, MetaDeviceError, OutputPathError, clip
 from .hf import adapter_in
 from .ops import (all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite,
-                  unfrozen_tensors, warn_untracked)
+                  unfrozen_state, warn_untracked)
 from .scope import Scope, scope_of
 from .site import SiteAPI, gathered, is_sharded, linear_weight
 from .splice import DEFAULT, slot_prefix
@@ -265,14 +265,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) 
             **({} if v.name in v.site.active else {"active": False}),
         }
     held = {p: r for p, r in scope.get_unfrozen().items() if name in (None, r.name)}
-    for key, t in unfrozen_tensors(scope, name).items():
-        t = gathered(t).detach()
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(
-                f"cannot save {key}: NaN or Inf in the unfrozen module's values; the file would load as NaN "
-                f"outputs. Nothing was written; check the learning rate or the loss, or surgery.restore(model)."
-            )
-        tensors[key] = t.to("cpu").contiguous()
+    tensors.update(unfrozen_state(scope, name, "save"))
     warn_untracked(scope, "surgery.save")
     metadata = {"format": FORMAT, "version": str(VERSION if held else 2), "sites": json.dumps(meta),
                 "fingerprint": fingerprint(scope)}

@@ -39,7 +39,7 @@ from .errors import (
 from . import hf
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
-from .site import SiteAPI, base_output, dims, is_sharded, layout, linear_weight, probe_input
+from .site import SiteAPI, base_output, dims, gathered, is_sharded, layout, linear_weight, probe_input
 from .splice import DEFAULT, SCALE, Part
 from .variant import REGISTRY, SiteInit, Variant
 from .where import Matches, Where, match
@@ -434,6 +434,22 @@ def unfrozen_tensors(scope: Scope, name: str | None = None) -> dict[str, torch.T
         if name in (None, rec.name):
             for k, t in scope.model.get_submodule(path).state_dict(keep_vars=True).items():
                 out[f"{path}.{k}"] = t
+    return out
+
+
+def unfrozen_state(scope: Scope, name: str | None, verb: str) -> dict[str, torch.Tensor]:
+    """The unfrozen modules' state as a file holds it (whole, on the CPU), refusing NaN or Inf as
+    ``require_finite`` does for adapter tensors."""
+    out = {}
+    for key, t in unfrozen_tensors(scope, name).items():
+        t = gathered(t).detach()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(
+                f"cannot {verb} {key}: NaN or Inf in the unfrozen module's values; the file would load as NaN "
+                f"outputs. Nothing was written; check the learning rate or the loss, or "
+                f"surgery.restore({call_arg(scope)})."
+            )
+        out[key] = t.to("cpu").contiguous()
     return out
 
 

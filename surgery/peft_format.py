@@ -41,11 +41,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterFileError, BaseMismatchError, ConfigError, NonFiniteError, PeftFormatError, clip
+from .errors import AdapterFileError, BaseMismatchError, ConfigError, PeftFormatError, clip
 from .io import atomic_write_all, decode, read_bytes, read_header
 from . import trainable
 from .ops import (all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite, require_unsharded,
-                  unfrozen_tensors, warn_untracked)
+                  unfrozen_state, warn_untracked)
 from .splice import DEFAULT
 from .scope import Scope, scope_of
 from .site import SiteAPI
@@ -286,13 +286,7 @@ def _modules_to_save(scope: Scope, name: str, config: dict[str, Any], tensors: d
                 "format (surgery.save), or surgery.merge and save_pretrained."
             )
     config["modules_to_save"] = held
-    for key, t in unfrozen_tensors(scope, name).items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(
-                f"cannot export {key}: NaN or Inf in the unfrozen module's values; PEFT would load NaN outputs. "
-                "Nothing was written; check the learning rate or the loss."
-            )
-        tensors[PREFIX + key] = t.detach().to("cpu").contiguous()
+    tensors.update({PREFIX + k: t for k, t in unfrozen_state(scope, name, "export").items()})
 
 
 def _peft_files(model: nn.Module, scope: Scope, sites: dict[str, SiteAPI]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -298,3 +298,17 @@ def test_bad_input(case, scope, tmp_path):
     for w in words:
         assert w in str(info.value), (w, str(info.value))
     assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("verb", ["save", "export"])
+def test_a_nan_in_an_unfrozen_module_is_not_written(scope, verb, tmp_path):
+    """As for adapter tensors: a file whose head would load as NaN outputs is refused, and nothing is written."""
+    model = adapted(scope)
+    with torch.no_grad():
+        score(model)[0, 0] = float("nan")
+    call = {"save": lambda: surgery.save(model, tmp_path / "a.safetensors"),
+            "export": lambda: surgery.export_peft(model, tmp_path / "peft")}[verb]
+    with pytest.raises(E.NonFiniteError, match=rf"cannot {verb} score.weight: NaN or Inf in the unfrozen module"):
+        call()
+    assert not list(tmp_path.iterdir())
