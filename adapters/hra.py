@@ -11,12 +11,12 @@ The product is never built as a dense d_in x d_in matrix. Its compact WY form (J
     R = I - U S^-1 U^T,    S = triu(U^T U) with its diagonal halved    (r x r, upper triangular)
 
 which holds for unnormalised u_i, so R x = x - K (U^T x) with K = U S^-1 (d_in, r): two thin
-matmuls per token, and the base layer's own matmul on R x.
+matmuls per token, and the base layer itself on R x (``t.base``, so a quantised base works too).
 
 Identity at init: paired columns give paired equal reflections, H H = I, so R = I. An odd r
 cannot pair up; it is refused (PEFT warns and starts far from the identity).
 Fold: W' = W R = W - (W K) U^T; b' = b (exact: R is orthogonal).
-Requires: the dense base weight (the base op is recomputed on R x).
+Requires: only the layer's shape (the base layer runs on R x; the fold reads W).
 Deviations from PEFT 0.21: PEFT's ``apply_GS`` (Gram-Schmidt, R = I - 2 Q Q^T) is left out: it is
 never the identity at init. Odd r is a ConfigError instead of a warning. GPT-2's Conv1D is
 supported (PEFT raises). No orthogonality regulariser, as in PEFT (the paper has one).
@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from surgery.variant import SiteInit, Variant, at_least_float32, kaiming_uniform, register, require_positive_rank
 from surgery.errors import ConfigError
@@ -47,6 +46,8 @@ def _wy_factor(u: torch.Tensor) -> torch.Tensor:
 class HRA(Variant):
     r: int = 8
 
+    needs_weight = False
+
     def __post_init__(self):
         require_positive_rank(self, self.r)
         if self.r % 2:
@@ -63,7 +64,7 @@ class HRA(Variant):
         u = t.hra_u  # (d_in, r)
         k = _wy_factor(u)  # (d_in, r)
         rx = x - (x @ u) @ k.mT  # (..., d_in)
-        return F.linear(rx, weight, bias)  # (..., d_out)
+        return t.base(rx)  # (..., d_out): the base layer on R x
 
     def fold(self, weight, bias, t):
         u = t.hra_u

@@ -14,7 +14,8 @@ input side, exactly as in PEFT; pass ``feedforward=`` with longer suffixes to te
 
 Identity at init: l = 1, exactly.
 Fold: output side W' = diag(l) W, b' = l * b; input side W' = W diag(l), b' = b.
-Requires: only the layer's shape on the output side; the dense weight on the input side.
+Requires: only the layer's shape: the input side runs the base layer itself on l * x (``t.base``), so
+both sides work on quantised bases.
 
 Deviations from PEFT 0.21: none in values (parity is tested). ``feedforward`` replaces PEFT's
 ``feedforward_modules`` and takes suffixes only (PEFT's regex-string form is not offered), and it
@@ -28,10 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from surgery.variant import SiteInit, Variant, register
-from surgery.errors import ConfigError, DenseWeightError
+from surgery.errors import ConfigError
 
 
 @register
@@ -56,22 +56,13 @@ class IA3(Variant):
     def trace_key(self, site) -> bool:
         return self.input_side(site.path)  # all forward reads of the path: sites on one side share a trace
 
-    def check(self, site: SiteInit) -> None:
-        if self.input_side(site.path) and site.weight is None:
-            raise DenseWeightError(
-                f"IA3 scales the input of {site.path} (its path ends with one of feedforward="
-                f"{self.feedforward}), which needs the layer's dense weight, and this layer has none. "
-                "Leave it out of `where`, or pass a `feedforward` that does not match it (output-side IA3 "
-                "works on any layer)."
-            )
-
     def init(self, site: SiteInit) -> dict[str, torch.Tensor]:
         shape = (1, site.d_in) if self.input_side(site.path) else (site.d_out, 1)
         return {"ia3_l": torch.ones(shape, dtype=site.dtype, device=site.device)}
 
     def forward(self, x, y, weight, bias, t):
         if self.input_side(t.site.path):  # a static string at trace time: one branch is traced
-            return F.linear(x * t.ia3_l.flatten(), weight, bias)  # (..., d_out)
+            return t.base(x * t.ia3_l.flatten())  # (..., d_out): the base layer on the rescaled input
         return y * t.ia3_l.flatten()  # (..., d_out)
 
     def fold(self, weight, bias, t):

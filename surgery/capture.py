@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import quant
 from .errors import TraceError
 from .site import adaptable
 
@@ -65,6 +66,14 @@ def trace(model: nn.Module, *args: Any, **kwargs: Any) -> fx.GraphModule:
     """Capture ``model`` as one GraphModule; ``args``/``kwargs`` are example inputs (batch of 2 or more)."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"surgery.trace needs a torch.nn.Module; got {type(model).__name__}.")
+    quantised = next(((p, m) for p, m in model.named_modules() if quant.kind(m) or quant.foreign(m)), None)
+    if quantised is not None:
+        p, m = quantised
+        raise TraceError(
+            f"surgery.trace cannot capture a quantised model: {p} is a {type(m).__name__}, whose packed weight and "
+            "kernels neither torch.fx nor torch.export can trace. Adapt the model itself instead (module scope: "
+            "surgery.rewrite(model, ...)), where a bitsandbytes layer is called whole inside its site."
+        )
     try:
         gm = _trace_fx(model, args, kwargs)
         fx_error = None

@@ -76,7 +76,7 @@ def set_scale(model: nn.Module, c: float, name: str | None = None) -> None:
     scope = scope_of(model)
     views = _views(scope, name)
     value = _strength(c)
-    meta = [v.path for v in views if v.weight.device.type == "meta"]
+    meta = [v.path for v in views if v.base_weight.device.type == "meta"]
     if meta:
         raise MetaDeviceError(
             f"cannot set the strength of {meta[0]}: it is on the meta device, whose buffers are not kept by "
@@ -215,7 +215,7 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
         A, B = _combined(path, sources, how, r)
         dtype = next(t.dtype for t in sources[0][0].adapter_tensors().values() if t.is_floating_point())
         lora = variant_from_config("LoRA", {"r": A.shape[0], "alpha": float(A.shape[0])})
-        if lora.adapter_dtype(site.weight.dtype) != dtype:  # the sources asked for another dtype: so does the sum
+        if lora.adapter_dtype(site.base_dtype) != dtype:  # the sources asked for another dtype: so does the sum
             lora = variant_from_config("LoRA", {**lora.to_config(), "dtype": str(dtype).removeprefix("torch.")})
         plan[path] = {name: lora}
         tensors[path] = {"lora_A": A, "lora_B": B}

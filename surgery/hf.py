@@ -142,7 +142,7 @@ def _accelerator_hooks(accelerator: Any) -> Any:
 
         for i in rewritten:
             # a model sharded by FSDP2 gathers its adapter in save, a collective every rank must enter
-            sharded = any(type(s.weight).__name__ == "DTensor" for s in sites(models[i]).values())
+            sharded = any(type(s.base_weight).__name__ == "DTensor" for s in sites(models[i]).values())
             if writer or sharded:
                 save(models[i], Path(output_dir) / _state_file(i))
         for i in reversed(rewritten):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import quant
 from .ops import matches
 from .scope import scope_of
 from .site import SiteAPI
@@ -86,7 +87,7 @@ def summary(model: nn.Module) -> str:
     right = {i + named for i in (2, 3, 4)}
     fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(quant.numel(p) for p in model.parameters())
     lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     lines.append(f"{len(found)} sites; trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)")
     return "\n".join(lines)

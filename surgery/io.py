@@ -27,13 +27,13 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
-from . import trainable
+from . import quant, trainable
 from .errors import AdapterFileError, BaseMismatchError, ConfigError, MetaDeviceError, OutputPathError, clip
 from .hf import adapter_in
 from .ops import (all_sites, check_name, check_ranks, check_targets, fill_value, install, require_finite,
                   unfrozen_state, warn_untracked)
 from .scope import Scope, scope_of
-from .site import SiteAPI, gathered, is_sharded, linear_weight
+from .site import SiteAPI, gathered, is_sharded
 from .splice import DEFAULT, slot_prefix
 from .variant import Variant, variant_from_config
 
@@ -44,13 +44,34 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def fingerprint(scope: Scope) -> str:
-    """Hash of the base model's state_dict names and shapes (adapter tensors excluded)."""
-    adapter = {f"{p}.{n}" for p, s in scope.sites().items() for n in s.adapter_tensors()}
+    """Hash of the base model's state_dict names and shapes (adapter tensors excluded), as the base has them.
+
+    Read from the modules' parameters and persistent buffers, not from ``state_dict()``: bitsandbytes' 4-bit
+    layers unpack a repacked weight in place, lossily, when asked for their state."""
+    sites = scope.sites()
+    adapter = {f"{p}.{n}" for p, s in sites.items() for n in s.adapter_tensors()}
+    opaque = tuple(f"{p}.{quant.BASE}." for p, s in sites.items() if s.record.quant)  # keys as on the bare base
     h = hashlib.sha256()
-    for k, v in sorted(scope.model.state_dict().items()):
+    for k, shape in sorted(_state_shapes(scope.model).items()):
         if k not in adapter:
-            h.update(f"{k}:{tuple(v.shape)};".encode())
+            if k.startswith(opaque):
+                k = k.replace(f".{quant.BASE}.", ".", 1)
+            h.update(f"{k}:{shape};".encode())
     return h.hexdigest()[:16]
+
+
+def _state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shapes of what ``model.state_dict()`` would hold, by key, without asking any module for its state."""
+    out = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        pre = f"{path}." if path else ""
+        for n, t in m._parameters.items():
+            if t is not None:
+                out[pre + n] = tuple(t.shape)
+        for n, t in m._buffers.items():
+            if t is not None and n not in m._non_persistent_buffers_set:
+                out[pre + n] = tuple(t.shape)
+    return out
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
@@ -204,8 +225,9 @@ def check_base_sample(scope: Scope, entries: dict[str, dict[str, Any]], plan: di
     for p, info in entries.items():
         saved = decode_sample(info.get("base", {}).get("sample"), path, p)
         base = scope.base(p)
-        now = weight_sample(linear_weight(base.weight, base.layout))
-        if saved is None or now is None or _same_sample(saved, now, info["base"].get("dtype", ""), base.weight.dtype):
+        now = weight_sample(base.dense())
+        stored = torch.float32 if base.quant else base.weight.dtype  # a quantised weight is sampled dequantised
+        if saved is None or now is None or _same_sample(saved, now, info["base"].get("dtype", ""), stored):
             continue
         what = (f"{path} was saved on another base: the weight of {p} differs from the one {plan[p].short()} was "
                 "made on (another checkpoint, or this adapter already merged into it?)")
@@ -240,7 +262,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) 
             f"{sorted({n for s in sites.values() for n in s.names})}. Pass one of those, or name=None for all."
         )
     # a model sharded by FSDP2: every rank calls save and gathers each tensor (a collective); rank 0 writes
-    sharded = any(is_sharded(s.weight) for s in sites.values())
+    sharded = any(is_sharded(s.base_weight) for s in sites.values())
     whole = {k: {n: gathered(t) for n, t in v.adapter_tensors().items()} for k, v in views.items()}
     require_finite(scope, views, "save", whole)
     tensors, meta = {}, {}
@@ -260,7 +282,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) 
             "variant": v.variant.name,
             "config": v.variant.to_config(),
             "base": {"class": v.base_class, "layout": v.layout, "d_in": v.d_in, "d_out": v.d_out,
-                     "dtype": str(v.weight.dtype).removeprefix("torch."), "sample": samples[v.path]},
+                     "dtype": str(v.base_dtype).removeprefix("torch."), "sample": samples[v.path]},
             **({} if v.name == DEFAULT else {"path": v.path, "adapter": v.name}),
             **({} if v.name in v.site.active else {"active": False}),
         }

@@ -36,10 +36,10 @@ from .errors import (
     SHOWN,
     clip,
 )
-from . import hf
+from . import hf, quant
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
-from .site import SiteAPI, base_output, dims, gathered, is_sharded, layout, linear_weight, probe_input
+from .site import SiteAPI, dims, gathered, is_sharded, layout, probe_input
 from .splice import DEFAULT, SCALE, Part
 from .variant import REGISTRY, SiteInit, Variant
 from .where import Matches, Where, match
@@ -155,7 +155,7 @@ def site_init(base: Base, variant: Variant, *, calibration: Any = None, loading:
         )
     d_in, d_out = dims(w, base.layout)
     meta = isinstance(w, torch.Tensor) and w.device.type == "meta"
-    if isinstance(w, torch.Tensor) and not meta and not w.is_floating_point():
+    if isinstance(w, torch.Tensor) and not meta and not w.is_floating_point() and not base.quant:
         if variant.needs_weight:
             raise DenseWeightError(
                 f"{variant.name} needs the dense base weight of {path}, which is of type {str(w.dtype).removeprefix('torch.')}. "
@@ -173,13 +173,13 @@ def site_init(base: Base, variant: Variant, *, calibration: Any = None, loading:
             "Load real weights first, or use a variant that only needs the layer's shape (LoRA, IA3)."
         )
     dense = not meta
-    dt = torch.promote_types(w.dtype, torch.float32)
+    dt = torch.promote_types(base.dtype, torch.float32)
     b = base.bias
     return SiteInit(
         path=path, d_in=d_in, d_out=d_out,
-        weight=linear_weight(w.detach(), base.layout).to(dt) if dense else None,
+        weight=base.dense().detach().to(dt) if dense else None,
         bias=None if b is None or not dense else b.detach().to(dt),
-        dtype=variant.adapter_dtype(w.dtype), device=w.device, calibration=calibration, loading=loading,
+        dtype=variant.adapter_dtype(base.dtype), device=w.device, calibration=calibration, loading=loading,
         layout=base.layout, spec=base.spec,
     )
 
@@ -253,6 +253,13 @@ def install(scope: Scope, plan: dict[str, dict[str, Variant]], *, states: dict[s
             tensors = _call_variant(variant, "init", path, lambda: variant.init(ctx))
             _check_init(variant, path, ctx, tensors)
             if ctx.new_weight is not None:
+                if base.quant:
+                    raise ConfigError(
+                        f"{variant.short()} replaces the base weight of {path} by its residual, and {path} is a "
+                        f"bitsandbytes {base.quant} layer: the residual would have to be quantised again, which "
+                        "changes the base the adapter was computed for. Use LoRA or EVA on quantised layers, or "
+                        f"dequantise {path} first; the {scope.noun} was left unchanged."
+                    )
                 if base.site is not None or len(named) > 1:
                     raise _no_stack(scope, path, variant, name)
                 tied = [n for n in owners.get(id(base.weight), []) if n != f"{path}.weight"]
@@ -330,11 +337,10 @@ def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit, nam
     """The staged site on random rows against its output without the new adapter: the original base output,
     or, beside other active adapters, the same site with the new adapter's strength at 0 (which drops its
     term exactly)."""
-    w = base.weight
     # one random row: a nonzero change of the output shows on it almost surely, and a single row runs as a
     # matrix-vector product, about three times cheaper than a few rows on a large weight
     spec = staged.site.record.spec
-    x = probe_input(base.layout, spec, ctx.d_in, w.dtype, w.device)
+    x = probe_input(base.layout, spec, ctx.d_in, base.dtype, base.weight.device)
     with torch.no_grad():
         got, ref = staged.probe(x)
         if len(staged.site.active) > 1:
@@ -345,7 +351,7 @@ def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit, nam
             finally:
                 c.fill_(1)
         if ref is None:
-            ref = base_output(x, w, base.bias, base.layout, spec)
+            ref = base.output(x)
         if not torch.isfinite(ref).all():  # not the variant's fault: say so instead of blaming its init
             raise NonFiniteError(
                 f"the base weight or bias of {base.path} holds NaN or Inf, so no adapter there can start as the "
@@ -540,9 +546,12 @@ def restore(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None = None) -> nn.Module:
+def merge(model: nn.Module, *, dequantize: bool = False,
+          progress: Callable[[Iterable], Iterable] | None = None) -> nn.Module:
     """Fold every site into its weights and put back modules of the original class; returns ``model``.
 
+    A quantised (bitsandbytes) base gets W' quantised again in its own format, with a warning that gives the
+    error that costs; ``dequantize=True`` puts a float nn.Linear holding W' exactly there instead.
     ``progress`` wraps the ``(path, site)`` pairs while they are folded (e.g. ``tqdm``), for long merges.
     """
     scope = scope_of(model)
@@ -551,13 +560,13 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
     owners = _owners(scope.model)
     untie = {}
     for path, site in (progress or iter)(sites.items()):
-        if site.weight.device.type == "meta":
+        if site.base_weight.device.type == "meta":
             raise MetaDeviceError(
                 f"cannot merge {path}: its weights are on the meta device (shapes only, no values), so there is "
                 "nothing to fold. Load real weights (e.g. model.to_empty(device='cpu') and load a checkpoint) first."
             )
         _fold_checked(scope, site)  # checked, then dropped: holding every W' at once would double the model
-        tied = [n for n in owners.get(id(site.weight), []) if n != f"{path}.weight"]
+        tied = [n for n in owners.get(id(site.base_weight), []) if n not in (f"{path}.weight", f"{path}.{quant.BASE}.weight")]
         if tied:
             untie[path] = tied
     for path, tied in untie.items():
@@ -568,7 +577,16 @@ def merge(model: nn.Module, *, progress: Callable[[Iterable], Iterable] | None =
         )
     # every site was folded and checked before any weight is written, so a bad fold cannot half-merge; each is
     # folded again as it is written (the same ops on the same tensors), so only one W' is alive at a time
-    scope.remove(list(sites), lambda path: sites[path].fold(), frozenset(untie))
+    errors = scope.remove(list(sites), lambda path: sites[path].fold(), frozenset(untie), dequantize)
+    if errors and not dequantize:
+        worst = max(errors, key=errors.get)
+        warnings.warn(
+            f"merge: {len(errors)} quantised layer(s) hold the merged weight quantised again in their own format, "
+            f"which moves it by up to {errors[worst]:.3g} of its largest entry (at {worst}); the merged model "
+            "is that far from the adapted one. surgery.merge(model, dequantize=True) gives float layers holding "
+            "the merged weights exactly.",
+            stacklevel=2,
+        )
     release(scope, keep=True)  # trained whole modules are plain weights already
     hf.detach(scope.model)
     if untie:
@@ -586,7 +604,7 @@ def _fold_checked(scope: Scope, site: SiteAPI) -> tuple[torch.Tensor, torch.Tens
             f"and b' a tensor or None. This is a bug in the variant; the {scope.noun} was left unchanged."
         )
     W, b = out
-    if (b is None) != (site.bias is None):
+    if (b is None) != (site.base_bias is None):
         raise VariantContractError(
             f"{v.name}.fold changed whether {path} has a bias; this is a bug in the variant. "
             f"The {scope.noun} was left unchanged."
@@ -619,7 +637,7 @@ def _finite(t: torch.Tensor) -> bool:
 def require_unsharded(scope: Scope, sites: dict[str, SiteAPI], verb: str) -> None:
     """Refuse a verb that needs whole weights on a model sharded by FSDP2."""
     for path, site in sites.items():
-        if is_sharded(site.weight) or any(is_sharded(t) for t in site.adapter_tensors().values()):
+        if is_sharded(site.base_weight) or any(is_sharded(t) for t in site.adapter_tensors().values()):
             raise ShardedModelError(
                 f"cannot {verb} {path}: the model is sharded by FSDP2 (fully_shard), so each rank holds a slice of "
                 f"its weights, and {verb} needs them whole. surgery.save gathers the adapter on rank 0: save it, "

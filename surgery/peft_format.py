@@ -49,7 +49,7 @@ from .ops import (all_sites, check_name, check_ranks, check_targets, fill_value,
 from .splice import DEFAULT
 from .scope import Scope, scope_of
 from .site import SiteAPI
-from .site import dims, linear_weight
+from .site import dims
 from .variant import REGISTRY
 
 CONFIG_NAME = "adapter_config.json"
@@ -128,7 +128,7 @@ def _export_lora(site: SiteAPI) -> _Part:
     if site.replaced_base:
         # PEFT re-runs no custom init on load, so the residual base must become part of the adapter:
         # s B0 A0 = W_orig - W_res, and W_orig + s (B A - B0 A0) = W_res + s B A.
-        W_res = linear_weight(site.weight.detach(), site.layout)
+        W_res = site.dense_weight()
         A0, B0 = _factor((site.original_weight.double() - W_res.double()) / v.scale, A.shape[0])
         A, B = torch.cat([A.double(), A0]), torch.cat([B.double(), -B0], dim=1)
         grown = A.shape[0] / r
@@ -138,7 +138,7 @@ def _export_lora(site: SiteAPI) -> _Part:
     if site.layout == "embedding":  # PEFT's Embedding keeps bare Parameters under other names, same shapes
         tensors = {"lora_embedding_A": A.to(dtype).contiguous(), "lora_embedding_B": B.to(dtype).contiguous()}
     elif site.layout == "conv":  # PEFT's lora_A / lora_B are convs: the layer's kernel, then 1x1
-        shape = site.weight.shape
+        shape = site.base_weight.shape
         tensors = _lora_tensors(A.reshape(A.shape[0], *shape[1:]), B.reshape(*B.shape, *(1,) * (len(shape) - 2)), dtype)
     else:
         tensors = _lora_tensors(A, B, dtype)
@@ -179,13 +179,13 @@ def _export_delta(site: SiteAPI) -> _Part:
     """A variant with no PEFT peer: its fold minus the original weight, as an exact LoRA."""
     W0 = site.original_weight.double()
     W1, b1 = site.fold(torch.float64, at=1.0)  # float64: the delta's rank is not rounding; at 1: as trained
-    if site.bias is not None and not torch.allclose(b1, site.bias.detach().double(), rtol=0, atol=1e-12):
+    if site.base_bias is not None and not torch.allclose(b1, site.base_bias.detach().double(), rtol=0, atol=1e-12):
         raise PeftFormatError(
             f"{site.variant.short()} at {site.path} changes the bias, which a PEFT LoRA cannot express. "
             "Keep it in model-surgery's format (surgery.save), or surgery.merge and save_pretrained."
         )
     delta = W1 - W0  # (d_out, d_in)
-    k = _numerical_rank(delta, W0, site.weight.dtype)
+    k = _numerical_rank(delta, W0, site.base_dtype)
     if k * (site.d_in + site.d_out) >= site.d_in * site.d_out:
         raise PeftFormatError(
             f"{site.variant.short()} at {site.path} has no PEFT peer, and its weight delta has rank {k} of "

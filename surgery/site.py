@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.graph_module import _WrappedCall
 
+from . import quant
 from .errors import ConfigError, UnsupportedModuleError
 from .splice import ADAPTERS, DEFAULT, Stack, slot_prefix
 from .variant import SiteInfo, Variant
@@ -131,6 +132,9 @@ def op_spec(path: str, module: nn.Module) -> EmbeddingSpec | ConvSpec | None:
 
 def dims(weight: torch.Tensor, lay: str) -> tuple[int, int]:
     """(d_in, d_out) of a weight stored in layout ``lay``."""
+    shape = quant.logical_shape(weight)  # a bitsandbytes 4-bit weight is stored packed, (n, 1)
+    if shape is not None:
+        return shape[1], shape[0]
     if lay == "linear":
         return weight.shape[1], weight.shape[0]
     if lay == "conv":
@@ -230,6 +234,9 @@ class SiteRecord:
     # blends each one inside its forward, and counts as gated
     gated: bool = False
     spec: EmbeddingSpec | ConvSpec | None = None  # the base op's other call arguments (see op_spec)
+    # a bitsandbytes base ('nf4', 'fp4', 'int8'): the site calls it as its submodule ``base_layer`` (an opaque base)
+    quant: str | None = None
+    packing: bool | None = None  # that base's own support_avx512bf16_for_cpu, held off while it is a base
 
     @property
     def running(self) -> Stack:
@@ -290,6 +297,32 @@ class SiteAPI:
         return SiteInfo(path=self.path, d_in=self.d_in, d_out=self.d_out, layout=self.layout, spec=self.record.spec)
 
     @property
+    def base_module(self) -> nn.Module:
+        """The module holding the base weight and bias: the site's own, or its opaque ``base_layer``."""
+        owner = self._owner()
+        return getattr(owner, quant.BASE) if self.record.quant else owner
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as stored (a packed integer Parameter under an opaque base)."""
+        return self.base_module.weight
+
+    @property
+    def base_bias(self) -> torch.Tensor | None:
+        return getattr(self.base_module, "bias", None)
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The float dtype of the base weight (float32 for a quantised one, which dequantises to it)."""
+        return torch.float32 if self.record.quant else self.base_weight.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        """The current base weight in nn.Linear layout, detached; dequantised now from an opaque base."""
+        if self.record.quant:
+            return quant.dequantized(self.base_module)
+        return linear_weight(self.base_weight.detach(), self.layout)
+
+    @property
     def replaced_base(self) -> bool:
         """True when the variant's init replaced the base weight (PiSSA's residual)."""
         return self.record.replaced
@@ -302,8 +335,9 @@ class SiteAPI:
     @property
     def original_weight(self) -> torch.Tensor:
         """The base weight as it was before the rewrite, nn.Linear layout, detached."""
-        w = self.kept_weight if self.replaced_base else self._owner().weight
-        return linear_weight(w.detach(), self.layout)
+        if self.replaced_base:
+            return linear_weight(self.kept_weight.detach(), self.layout)
+        return self.dense_weight()
 
     @property
     def scale_buffer(self) -> torch.Tensor:
@@ -369,11 +403,11 @@ class AdapterView(SiteAPI):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._owner().weight
+        return self.site.base_weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self._owner().bias
+        return self.site.base_bias
 
     @property
     def variant(self) -> Variant:
@@ -399,11 +433,10 @@ class AdapterView(SiteAPI):
         """(W', b') of this adapter alone on the base, at strength ``at`` (default: its current one; files hold
         the adapter as trained, at 1)."""
         scale = self.scale if at is None else at
-        owner = self._owner()
-        w = owner.weight
-        dt = dtype or torch.promote_types(w.dtype, torch.float32)
-        W = linear_weight(w.detach(), self.layout).to(dt)
-        b = None if owner.bias is None else owner.bias.detach().to(dt)
+        dense, bias = self.dense_weight(), self.base_bias
+        dt = dtype or torch.promote_types(dense.dtype, torch.float32)
+        W = dense.to(dt)
+        b = None if bias is None else bias.detach().to(dt)
         c = torch.tensor(scale, dtype=dt, device=W.device)
         t = SimpleNamespace(site=self.info, surgery_scale=c,
                             **{n: v.detach().to(dt) for n, v in self.adapter_tensors().items()})

@@ -13,7 +13,7 @@ the variant and the rule it broke (see ``surgery/variant.py`` for the rules).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.fx as fx
@@ -44,6 +44,38 @@ def compute_dtype(adapter: torch.Tensor, x: torch.Tensor) -> torch.dtype:
 fx.wrap("compute_dtype")
 
 
+def base_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``t.base(x)`` in a variant's forward: the site's base layer on another input. Traced as a marker that
+    ``splice`` replaces by the base op itself (F.linear on the weight, a convolution or lookup with the layer's
+    own arguments, or the call of an opaque base), so an input-side variant (HRA, IA3 on the input) runs on a
+    quantised base too. Eagerly, the linear map."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+fx.wrap("base_op")
+
+
+Add = Callable[[str, Any, tuple], fx.Node]  # (op, target, args) -> a new node after the last one added
+
+
+def base_caller(site: SiteInfo, module: str | None) -> Callable[[tuple, Add], fx.Node]:
+    """How a site makes the nodes of ``base_op(x, W, b)`` (W in nn.Linear layout): a call of its opaque base
+    ``module``, or the dense op of its layout."""
+    def call(args: tuple, add: Add) -> fx.Node:
+        x, w, b = args
+        if module is not None:
+            return add("call_module", module, (x,))
+        if site.layout in ("linear", "conv1d"):
+            return add("call_function", torch._C._nn.linear, (x, w, b))
+        spec = site.spec
+        if site.layout == "conv":
+            kernel = add("call_method", "view", (w, (spec.out_channels, spec.in_channels, *spec.kernel_size)))
+            return add("call_function", spec.conv, (x, kernel, b, spec.stride, spec.padding))
+        table = add("call_method", "t", (w,))
+        return add("call_function", torch.nn.functional.embedding, (x, table, spec.padding_idx))
+    return call
+
+
 class _Holder(nn.Module):
     """Holds a variant's tensors while its forward is traced into a standalone fx graph."""
 
@@ -61,15 +93,22 @@ class _Holder(nn.Module):
         # model.to(dtype) keeps them agreeing
         self.__dict__["_ref"] = next((n for n in tensors if not n.endswith(SCALE)), None) if cast else None
 
+    def base(self, x):
+        """The site's base layer on ``x`` (see ``base_op``), with the weight and bias the forward was given."""
+        return base_op(x, *self._wb)
+
     def forward(self, x, y, weight, bias):
         if self._ref is None:
+            self.__dict__["_wb"] = (weight, bias)
             return self._variant.forward(x, y, weight, bias, self)
         if self.site.layout == "embedding":  # x holds token ids: the dtypes are y's, and the ids stay integers
             dt = compute_dtype(_fetch(self, self._ref), y)
-            out = self._variant.forward(x, y.to(dt), weight.to(dt), None, self)
+            self.__dict__["_wb"] = (weight.to(dt), None)
+            out = self._variant.forward(x, y.to(dt), *self._wb, self)
             return out.to(y.dtype) if isinstance(out, fx.Proxy) else out
         dt = compute_dtype(_fetch(self, self._ref), x)
-        out = self._variant.forward(x.to(dt), y.to(dt), weight.to(dt), None if bias is None else bias.to(dt), self)
+        self.__dict__["_wb"] = (weight.to(dt), None if bias is None else bias.to(dt))
+        out = self._variant.forward(x.to(dt), y.to(dt), *self._wb, self)
         return out.to(x.dtype) if isinstance(out, fx.Proxy) else out  # anything else: trace_variant names it
 
 
@@ -269,8 +308,8 @@ class _Slot:
     """A named adapter's module seen by its variant's forward as ``t``: its own tensors and strength, and the
     site's static facts as ``t.site``."""
 
-    def __init__(self, module: nn.Module, site: Any):
-        self.__dict__.update(_module=module, site=site)
+    def __init__(self, module: nn.Module, site: Any, base: Callable):
+        self.__dict__.update(_module=module, site=site, base=base)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)
@@ -307,7 +346,7 @@ class Stack(Variant):
 
 
 def _view(t: Any, name: str) -> Any:
-    return t if name == DEFAULT else _Slot(getattr(getattr(t, ADAPTERS), name), t.site)
+    return t if name == DEFAULT else _Slot(getattr(getattr(t, ADAPTERS), name), t.site, t.base)
 
 
 def add_constants(module: nn.Module, vg: VariantGraph) -> None:
@@ -327,11 +366,12 @@ def blend(y: torch.Tensor, out: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def add_gate(graph: fx.Graph, *, x: str, y: str, out: str, layout: str, has_bias: bool, replaced: bool,
-             prefix: str, scale: str, meta: dict[str, Any]) -> str:
+             prefix: str, scale: str, meta: dict[str, Any], opaque: str | None = None) -> str:
     """Insert ``blend(base output, adapted output, c)`` after ``out`` and route ``out``'s users to it.
 
     The base output is the graph's own ``y`` where it is still there and unchanged, else it is
-    recomputed from ``x`` (from the original weight when the variant replaced it). Returns the blend's name.
+    recomputed from ``x`` (from the original weight when the variant replaced it; by calling ``opaque``, the
+    site's opaque base, if it has one). Returns the blend's name.
     """
     nodes = {n.name: n for n in graph.nodes}
     anchor = nodes[out]
@@ -348,6 +388,8 @@ def add_gate(graph: fx.Graph, *, x: str, y: str, out: str, layout: str, has_bias
 
     if y and not replaced:
         base = nodes[y]
+    elif opaque is not None:
+        base = add("call_module", prefix + opaque, (nodes[x],))
     else:
         if layout not in ("linear", "conv1d"):  # every variant on the other layouts reads y and keeps the weight
             raise AssertionError(f"no base output to blend with at a site of layout {layout!r}")
@@ -381,19 +423,28 @@ def constant_name(target: str) -> str:
 
 
 def splice(graph: fx.Graph, vg: VariantGraph, *, x: fx.Node, y: fx.Node, weight: fx.Node, bias: fx.Node | None,
-           prefix: str, meta: dict[str, Any]) -> list[fx.Node]:
+           prefix: str, meta: dict[str, Any], base: Callable[[tuple, Add], fx.Node]) -> list[fx.Node]:
     """Copy ``vg`` into ``graph`` after ``y`` and route every use of ``y`` to its output.
 
     get_attr / call_module targets are prefixed with ``prefix`` (empty inside a module-scope Site,
     the module path in a whole-model graph); a traced constant is renamed to ``constant_name``, and
-    the caller registers it there. fx's guard on a None bias is dropped. Returns the new nodes, each
-    stamped with ``meta``.
+    the caller registers it there. fx's guard on a None bias is dropped, and ``t.base(x)`` (``base_op``) becomes
+    ``base(args)``'s nodes (``base_caller``). Returns the new nodes, each stamped with ``meta``.
     """
     inputs = iter((x, y, weight, bias))  # the placeholders of _Holder.forward, in order
     env: dict[fx.Node, Any] = {}
     new: list[fx.Node] = []
     out_value = None
     anchor = y
+
+    def add(op: str, target: Any, args: tuple) -> fx.Node:
+        nonlocal anchor
+        with graph.inserting_after(anchor):
+            anchor = graph.create_node(op, target, args)
+        anchor.meta["surgery"] = dict(meta)
+        new.append(anchor)
+        return anchor
+
     for node in vg.graph.nodes:
         if node.op == "placeholder":
             env[node] = next(inputs)
@@ -402,6 +453,9 @@ def splice(graph: fx.Graph, vg: VariantGraph, *, x: fx.Node, y: fx.Node, weight:
             out_value = fx.graph.map_arg(node.args[0], lambda n: env[n])
             continue
         if node.op == "call_function" and node.target is _ASSERT_IS_NONE:
+            continue
+        if node.op == "call_function" and node.target is base_op:
+            env[node] = base(fx.graph.map_arg(node.args, lambda n: env[n]), add)
             continue
         with graph.inserting_after(anchor):
             copied = graph.node_copy(node, lambda n: env[n])

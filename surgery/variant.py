@@ -12,7 +12,11 @@ A variant is a frozen dataclass of hyper-parameters plus three pieces of behavio
    code. ``x`` is the site input, ``y`` the base output ``x W^T + b``, ``weight`` is W in
    nn.Linear layout (d_out, d_in) whatever the storage layout, ``bias`` is b or None, and ``t``
    gives the variant's tensors and modules by name (``t.lora_A``) and static facts about the site
-   as ``t.site`` (path, d_in, d_out, layout, spec: fixed at trace time, so plain ``if`` works). On an
+   as ``t.site`` (path, d_in, d_out, layout, spec: fixed at trace time, so plain ``if`` works).
+   ``t.base(x2)`` is the base layer on another input (an input-side variant writes ``t.base(R x)``
+   rather than ``F.linear(R x, weight, bias)``, and so works on quantised bases, which run their own
+   kernel). On a quantised (bitsandbytes) base, ``weight`` is dequantised when the forward reads it,
+   at every step: only a variant that needs W itself in its forward (DoRA's norm) should read it. On an
    embedding (layout 'embedding') x holds token ids and W is the table transposed, (dim, num_embeddings);
    on a convolution ('conv') x is the image and W the kernel flattened to (out, in * prod(kernel)); only a
    variant that lists those layouts in ``layouts`` is ever given them. The engine traces this

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..site import Adapter, SiteAPI, SiteRecord
+from .. import quant
+from ..site import Adapter, SiteAPI, SiteRecord, base_output, linear_weight
 from ..splice import Part
 from ..variant import SiteInit
 
@@ -42,12 +43,38 @@ class Base:
     spec: Any = None  # the base op's other call arguments (surgery.site.op_spec)
 
     @property
-    def weight(self) -> Any:  # the Parameter as stored (any dtype, possibly meta)
+    def weight(self) -> Any:  # the Parameter as stored (any dtype, possibly meta; packed integers when quantised)
         return self.module.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.module, "bias", None)
+
+    @property
+    def quant(self) -> str | None:
+        """The bitsandbytes format of an opaque base ('nf4', 'fp4', 'int8'), None for a dense one."""
+        return quant.kind(self.module)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype the layer computes in."""
+        return quant.compute_dtype(self.module) if self.quant else self.weight.dtype
+
+    def dense(self) -> torch.Tensor:
+        """The weight in nn.Linear layout (a view of a dense one; dequantised now from an opaque one)."""
+        return quant.dequantized(self.module) if self.quant else linear_weight(self.weight, self.layout)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The unadapted layer's output on ``x`` (an opaque base runs its own forward, never repacking)."""
+        if not self.quant:
+            return base_output(x, self.weight, self.bias, self.layout, self.spec)
+        # in eval mode, as the probe runs the site: an 8-bit layer computes otherwise in training mode
+        was, mode = quant.hold_packing(self.module), self.module.training
+        try:
+            return self.module.eval()(x)
+        finally:
+            self.module.train(mode)
+            quant.release_packing(self.module, was)
 
 
 @dataclass
@@ -76,7 +103,8 @@ def record(base: Base, ctx: SiteInit, parts: list[Part], **nodes: str) -> SiteRe
         path=base.path, layout=base.layout, base_class=base.base_class, d_in=ctx.d_in, d_out=ctx.d_out,
         original=base.site.record.original if base.site is not None else base.module,
         adapters=adapters, active=tuple(p.name for p in parts if p.active),
-        replaced=ctx.new_weight is not None, gated=sum(p.active for p in parts) > 1, spec=base.spec, **nodes,
+        replaced=ctx.new_weight is not None, gated=sum(p.active for p in parts) > 1, spec=base.spec,
+        quant=base.quant, packing=base.site.record.packing if base.site is not None else None, **nodes,
     )
 
 
@@ -154,11 +182,13 @@ class Scope:
         raise NotImplementedError
 
     def remove(self, paths: list[str], folded: Callable[[str], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
-               untie: frozenset[str] = frozenset()) -> None:
+               untie: frozenset[str] = frozenset(), dequantize: bool = False) -> dict[str, float]:
         """Take sites out: the original modules back, or modules holding W', b' (nn.Linear layout), which
         ``folded(path)`` computes as each site is written, so that one W' at a time is alive.
 
         A path in ``untie`` gets its folded weight as a new Parameter (its old one is shared with another module).
+        An opaque base gets W' re-quantised in its own format, or a float nn.Linear with ``dequantize``; returns
+        the relative error of each re-quantised weight (``quant.merged``) by path.
         """
         raise NotImplementedError
 

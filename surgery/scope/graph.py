@@ -33,7 +33,8 @@ from torch import nn
 
 from ..errors import GraphScopeError
 from ..site import SiteAPI, SiteRecord, base_output, layout_of_class, op_spec, stored_weight
-from ..splice import BASE_WEIGHT, SCALE, Part, Traces, put, add_constants, add_gate, place, slot_prefix, splice
+from ..splice import (BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, base_caller, place, put, slot_prefix,
+                      splice)
 from ..capture import module_path, route
 from ..variant import SiteInfo, SiteInit
 from .base import Base, Emit, Scope, Staged, Txn, record, unmodified
@@ -241,7 +242,8 @@ class GraphTxn(Txn):
         vg, _ = self.traces.get(stack, tensors, modules, has_bias=holder.bias is not None, site=info,
                                 cast=ctx.dtype != holder.weight.dtype)
         add_constants(holder, vg)
-        new = splice(graph, vg, x=x, y=reg.y, weight=w_lin, bias=b_node, prefix=path + ".", meta=meta)
+        new = splice(graph, vg, x=x, y=reg.y, weight=w_lin, bias=b_node, prefix=path + ".", meta=meta,
+                     base=base_caller(info, None))
         for n in reversed(inputs):  # the weight/bias nodes the variant does not read are bookkeeping
             if not n.users:
                 graph.erase_node(n)
@@ -373,7 +375,7 @@ class GraphScope(Scope):
             self._records[p].x = x
         self.model.graph = txn.graph_before
 
-    def remove(self, paths, folded=None, untie=frozenset()) -> None:
+    def remove(self, paths, folded=None, untie=frozenset(), dequantize=False) -> dict[str, float]:
         self._found = None
         gm, graph = self.model, self.model.graph
         _unsplice(graph, [self._records[p] for p in paths])
@@ -401,6 +403,7 @@ class GraphScope(Scope):
                 if b is not None:
                     module.bias = nn.Parameter(b.to(rec.original.bias.dtype))
             self.put(path, module)
+        return {}  # a trace holds no opaque base (surgery.trace refuses quantised layers), so nothing re-quantised
 
     def gate(self, paths: list[str]) -> None:
         gm = self.model

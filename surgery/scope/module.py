@@ -13,9 +13,11 @@ import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 
+from .. import quant
 from ..errors import UnsupportedModuleError
 from ..site import COMPILED, Conv1D, Site, adaptable, layout, op_spec, stored_weight
-from ..splice import BASE_WEIGHT, SCALE, Part, slot_prefix, Traces, add_constants, add_gate, place, splice, tracer
+from ..splice import (BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, base_caller, place, slot_prefix, splice,
+                      tracer)
 from ..variant import SiteInfo, SiteInit
 from .base import Base, Emit, Scope, Staged, Txn, record
 
@@ -53,19 +55,24 @@ def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Template
     leaf, lay = base.module, base.layout
     bias = getattr(leaf, "bias", None)  # an nn.Embedding has none at all
     root = nn.Module()
-    root.register_parameter("weight", leaf.weight)
-    root.register_parameter("bias", bias)  # None stays a parameter slot, as on the leaf
+    if base.quant:  # called, never traced: it keeps its own parameters and packed state
+        root.add_module(quant.BASE, leaf)
+    else:
+        root.register_parameter("weight", leaf.weight)
+        root.register_parameter("bias", bias)  # None stays a parameter slot, as on the leaf
     stack, tensors, modules = place(root, parts, leaf.weight)
     info = SiteInfo(path=base.path, d_in=ctx.d_in, d_out=ctx.d_out, layout=lay, spec=base.spec)
     vg, key = templates.traces.get(stack, tensors, modules, has_bias=bias is not None, site=info,
-                                   cast=ctx.dtype != leaf.weight.dtype)
+                                   cast=ctx.dtype != base.dtype)
     add_constants(root, vg)
     meta = {"site": base.path, "variant": stack.short()}
-    # a plain Linear / Conv1D traces the same for equal shapes; any other class may bake its own state in
-    kind = None if key is None else (type(leaf) if type(leaf) in _PLAIN else id(leaf), key)
+    # a plain Linear / Conv1D (or an opaque base, which is only called) gives the same graph for equal shapes;
+    # any other class may bake its own state in
+    same = type(leaf) in _PLAIN or base.quant is not None
+    kind = None if key is None else (type(leaf) if same else id(leaf), key)
     tpl = templates.sites.get(kind) if kind is not None else None
     if tpl is None:
-        site, tpl = _first_site(leaf, lay, root, vg, meta)
+        site, tpl = _first_site(leaf, info, root, vg, meta, opaque=base.quant is not None)
         if kind is not None:
             templates.sites[kind] = tpl
     else:
@@ -88,17 +95,33 @@ def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Template
     return site
 
 
-def _first_site(leaf: nn.Module, lay: str, root: nn.Module, vg, meta: dict) -> tuple[Site, _Template]:
-    graph = tracer().trace(leaf)  # a graph owned by no module yet
+def _opaque_graph(leaf: nn.Module) -> fx.Graph:
+    """The graph of an opaque base, as a trace of an nn.Linear would give it: W is dequantised when the variant
+    reads it (dead code, and gone, otherwise)."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.call_function(quant.dequantized, (graph.get_attr(quant.BASE),))
+    if leaf.bias is not None:
+        graph.get_attr(f"{quant.BASE}.bias")
+    graph.output(graph.call_module(quant.BASE, (x,)))
+    return graph
+
+
+def _first_site(leaf: nn.Module, info: SiteInfo, root: nn.Module, vg, meta: dict, opaque: bool) -> tuple[Site, _Template]:
+    graph = _opaque_graph(leaf) if opaque else tracer().trace(leaf)  # a graph owned by no module yet
     x = next(n for n in graph.nodes if n.op == "placeholder")
     y = next(n for n in graph.nodes if n.op == "output").args[0]
-    w = next(n for n in graph.nodes if n.op == "get_attr" and n.target == "weight")
-    b = next((n for n in graph.nodes if n.op == "get_attr" and n.target == "bias"), None)
-    if lay != "linear":  # present W in (d_out, d_in) layout to the variant
+    if opaque:
+        w = next(n for n in graph.nodes if n.target is quant.dequantized)
+        b = next((n for n in graph.nodes if n.op == "get_attr" and n.target == f"{quant.BASE}.bias"), None)
+    else:
+        w = next(n for n in graph.nodes if n.op == "get_attr" and n.target == "weight")
+        b = next((n for n in graph.nodes if n.op == "get_attr" and n.target == "bias"), None)
+    if info.layout != "linear":  # present W in (d_out, d_in) layout to the variant
         with graph.inserting_after(w):
-            w = graph.call_method("flatten", (w, 1)) if lay == "conv" else graph.call_method("t", (w,))
+            w = graph.call_method("flatten", (w, 1)) if info.layout == "conv" else graph.call_method("t", (w,))
     splice(graph, vg, x=x, y=y, weight=w, bias=b if getattr(leaf, "bias", None) is not None else None, prefix="",
-           meta=meta)
+           meta=meta, base=base_caller(info, quant.BASE if opaque else None))
     site = Site(root, graph, class_name=type(leaf).__name__)
     site.graph.eliminate_dead_code()  # e.g. the base op, when a variant recomputes it from x (needs the module)
     site.graph.lint()
@@ -111,6 +134,8 @@ def _first_site(leaf: nn.Module, lay: str, root: nn.Module, vg, meta: dict) -> t
 
 
 def _give_back(leaf: nn.Module, site: Site) -> None:
+    if site.record.quant:  # the base kept its own parameters all along
+        return
     leaf.weight = site.weight
     if "bias" in leaf._parameters:  # not on an nn.Embedding: restore leaves it without a stray `bias`
         leaf.bias = site.bias
@@ -129,11 +154,13 @@ class ModuleTxn(Txn):
         def probe(x: torch.Tensor) -> tuple[torch.Tensor, None]:
             was = site.training
             site.eval()
+            packing = quant.hold_packing(base.module) if base.quant else None  # the user's base, untouched
             try:
                 with torch.no_grad():
                     return (site(x) if new is None else functional_call(site, {"weight": new}, (x,))), None
             finally:
                 site.train(was)
+                quant.release_packing(base.module, packing)
 
         staged = Staged(site, probe, new)
         self.staged[base.path] = staged
@@ -169,6 +196,8 @@ class ModuleScope(Scope):
         leaf = self.model.get_submodule(path)
         if isinstance(leaf, Site):  # a site getting another adapter: built again around the original leaf
             return Base(path, leaf.layout, leaf.base_class, leaf.base, site=leaf, spec=leaf.record.spec)
+        quant.refuse_foreign(path, leaf)
+        quant.refuse_repacked(path, leaf)
         return Base(path, layout(leaf), type(leaf).__name__, leaf, spec=op_spec(path, leaf))
 
     def aliases(self, path: str) -> list[str]:
@@ -191,6 +220,8 @@ class ModuleScope(Scope):
                 txn.previous[path] = self.model.get_submodule(path)
                 self.put(path, st.site)
                 done.append(path)
+                if st.site.record.quant and not isinstance(txn.previous[path], Site):
+                    st.site.record.packing = quant.hold_packing(st.site.base)
                 if st.new_weight is not None:  # the leaf's own Parameter takes the new values; keep the old ones
                     st.site.register_buffer(BASE_WEIGHT, st.site.weight.detach().clone(), persistent=False)
                     st.site.record.replaced = True
@@ -208,11 +239,18 @@ class ModuleScope(Scope):
             else:
                 self.remove([path])
 
-    def remove(self, paths, folded=None, untie=frozenset()) -> None:
+    def remove(self, paths, folded=None, untie=frozenset(), dequantize=False) -> dict[str, float]:
         sites = self.sites()
+        errors = {}
         for path in paths:
             site = sites[path]
             leaf = site.base
+            if site.record.quant:
+                quant.release_packing(leaf, site.record.packing)
+                if folded is not None:
+                    leaf, errors[path] = quant.merged(leaf, *folded(path), dequantize=dequantize)
+                self.put(path, leaf)
+                continue
             # the site's Parameters are the ones that lived on since the rewrite (model.to_empty() or a
             # load_state_dict(assign=True) replaces them); the leaf takes those, not its stale originals
             _give_back(leaf, site)
@@ -229,13 +267,15 @@ class ModuleScope(Scope):
                 elif site.replaced_base:
                     leaf.weight.copy_(site.kept_weight)
             self.put(path, leaf)
+        return errors
 
     def gate(self, paths: list[str]) -> None:
         for path in paths:
             site = self.model.get_submodule(path)
             rec = site.record
             rec.out = add_gate(site.graph, x=rec.x, y=rec.y, out=rec.out, layout=rec.layout,
-                               has_bias=site.bias is not None, replaced=rec.replaced, prefix="",
+                               has_bias=site.base_bias is not None, replaced=rec.replaced, prefix="",
+                               opaque=quant.BASE if rec.quant else None,
                                scale=slot_prefix(rec.active[0]) + SCALE,
                                meta={"site": path, "variant": site.variant.short()})
             rec.gated = True
@@ -266,7 +306,8 @@ class ModuleScope(Scope):
                 for n in mirrored:
                     del site.base._buffers[n]
                     site.base._non_persistent_buffers_set.discard(n)
-                site.base._parameters["weight"] = site.weight
+                if not site.record.quant:
+                    site.base._parameters["weight"] = site.weight
                 self.put(path, site)
 
     @contextmanager
