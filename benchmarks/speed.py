@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +37,9 @@ import common  # noqa: E402
 warnings.filterwarnings("ignore", category=FutureWarning)
 from common import ALL7, WHERE, Knobs, PeakMemory, interleaved, markdown, med, mib, ratio_stats  # noqa: E402
 
-TARGETS = {"LoRA": 1.0, "IA3": 1.0, "DoRA": 0.95, "HRA": 0.6}  # ours/PEFT step time
+QLORA = "LoRA on 4-bit"
+
+TARGETS = {"LoRA": 1.0, "IA3": 1.0, "DoRA": 0.95, "HRA": 0.6, QLORA: 1.0}  # ours/PEFT step time
 MERGED_TARGET = 1.02
 
 
@@ -109,6 +113,44 @@ def bench_steps(specs, base, sz, knobs, device, sync, calib):
         pairs.append((spec, ours, theirs, fns))
     bar.close()
     return rows, pairs
+
+
+def bench_qlora(base, sz, knobs, device, sync) -> dict | None:
+    """LoRA on a 4-bit (nf4, float32 compute) copy of the base, ours against PEFT's QLoRA on another copy
+    quantised the same way: step time, interleaved, and peak memory. None without bitsandbytes."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import surgery
+    from adapters import LoRA
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.save_pretrained(d)
+
+        def load():
+            placed = {"device_map": {"": device}} if device.type == "cuda" else {}
+            return AutoModelForCausalLM.from_pretrained(d, quantization_config=config, dtype=torch.float32, **placed)
+
+        ours = surgery.rewrite(load(), LoRA(r=knobs.r, alpha=knobs.alpha), where=WHERE)
+        theirs = get_peft_model(load(), LoraConfig(r=knobs.r, lora_alpha=knobs.alpha, target_modules=ALL7))
+    batch = batch_for(sz, device)
+    fns = {"ours": trainer(ours, batch), "peft": trainer(theirs, batch)}
+    cpu: dict[str, list[float]] = {}
+    t = interleaved(fns, sz["reps"], sz["warmup"], sync, cpu=cpu)
+    st = ratio_stats(t["ours"], t["peft"])
+    meter = PeakMemory(device)
+    peaks = {n: med([meter.measure(f) for _ in range(3)]) for n, f in fns.items()}
+    return {"variant": QLORA, "peft_config": f"LoraConfig(r={knobs.r}) on BitsAndBytesConfig nf4",
+            "ours_ms": 1e3 * med(t["ours"]), "peft_ms": 1e3 * med(t["peft"]), "ratio": st["median"],
+            "ratio_q1": st["q1"], "ratio_q3": st["q3"], "ratio_of_min": min(t["ours"]) / min(t["peft"]),
+            "cpu_ratio": None if device.type == "cuda" else ratio_stats(cpu["ours"], cpu["peft"])["median"],
+            "target": TARGETS[QLORA], "meets_target": st["median"] <= TARGETS[QLORA],
+            "trainable_ours": common.trainable(ours), "trainable_peft": common.trainable(theirs),
+            "ours_peak_mib": mib(peaks["ours"]), "peft_peak_mib": mib(peaks["peft"])}
 
 
 def bench_memory(specs, base, sz, knobs, device, calib, reps: int = 3) -> tuple[dict, str]:
@@ -266,6 +308,10 @@ def main(argv=None) -> int:
         row["ours_peak_mib"], row["peft_peak_mib"] = mib(got.get("ours")), mib(got.get("peft"))
     bench_merged(rows, pairs, base, sz, device, sync)
     del pairs
+    if args.variants is None or "lora" in args.variants.lower().split(","):
+        qlora = bench_qlora(base, sz, knobs, device, sync)
+        if qlora is not None:
+            rows.append(qlora)
     rewrite = bench_rewrite(specs, sz, knobs)
     want = args.compile.lower()
     comp_specs = [] if want == "none" else [s for s in specs if want == "all" or s.name.lower() in want.split(",")]

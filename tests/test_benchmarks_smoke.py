@@ -49,9 +49,11 @@ def test_speed_quick_has_a_row_per_variant(tmp_path):
     assert names, "no variant is registered"
     for name in names:
         assert name in rows, f"speed table has no row for {name}:\n{stdout}"
-    assert [r["variant"] for r in data["train_step"]] == names
-    for r in data["train_step"]:
+    assert [r["variant"] for r in data["train_step"]] == names + ["LoRA on 4-bit"]  # QLoRA: bitsandbytes bases
+    for r in data["train_step"][:-1]:
         assert r["merged_plain"], f"{r['variant']}: merge left a site behind"
+    assert data["train_step"][-1]["ratio"] > 0 and data["train_step"][-1]["trainable_ours"] == data["train_step"][-1][
+        "trainable_peft"]
     assert data["compile"] and all("error" not in r for r in data["compile"]), data["compile"]
 
 
