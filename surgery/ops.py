@@ -256,9 +256,10 @@ def install(scope: Scope, plan: dict[str, dict[str, Variant]], *, states: dict[s
                 if base.quant:
                     raise ConfigError(
                         f"{variant.short()} replaces the base weight of {path} by its residual, and {path} is a "
-                        f"bitsandbytes {base.quant} layer: the residual would have to be quantised again, which "
-                        "changes the base the adapter was computed for. Use LoRA or EVA on quantised layers, or "
-                        f"dequantise {path} first; the {scope.noun} was left unchanged."
+                        f"bitsandbytes {base.quant} layer: the residual would have to be quantised again, so the "
+                        "model would not start where it was (PEFT refuses PiSSA on quantised weights too). Rewrite "
+                        "the float model with PiSSA, or use LoRA or EVA on the quantised one; the "
+                        f"{scope.noun} was left unchanged."
                     )
                 if base.site is not None or len(named) > 1:
                     raise _no_stack(scope, path, variant, name)
