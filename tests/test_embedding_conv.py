@@ -481,14 +481,15 @@ def test_tied_embedding_leaves_lm_head_alone():
 
 
 @pytest.mark.parametrize("scope", SCOPES)
-def test_bf16_embedding_keeps_ids_integer(scope):
+@pytest.mark.parametrize("variant", [LoRA(r=4), DoRA(r=4)], ids=lambda v: v.name)
+def test_bf16_embedding_keeps_ids_integer(variant, scope):
     base = LLAMA.model(dtype=torch.bfloat16)
     model = in_scope(scope, base, **LLAMA.inputs())
     x = LLAMA.inputs()
     ref = LLAMA.out(model, x)
-    surgery.rewrite(model, LoRA(r=4), LLAMA_NET.where)
+    surgery.rewrite(model, variant, LLAMA_NET.where)
     site = surgery.sites(model)["model.embed_tokens"]
-    assert site.lora_A.dtype == torch.float32, "float32 adapters on a bf16 base, as PEFT"
+    assert {t.dtype for t in site.adapter_tensors().values()} == {torch.float32}, "float32 adapters, as PEFT"
     assert rel_err(LLAMA.out(model, x), ref) == 0.0
     randomise_adapters(model, scale=0.1, seed=3)
     adapted = LLAMA.out(model, x)
