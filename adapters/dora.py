@@ -11,7 +11,14 @@ The adapted weight is split into a direction, W + s B A, and a learned magnitude
 
 Identity at init: B = 0 and m = n exactly (both are the same sum of squares), so m / n = 1.
 Fold: W' = diag(m / n) (W + s B A); b' = b (the bias is never rescaled).
-Requires: the dense base weight (n depends on W), on Linear or GPT-2 Conv1D.
+Requires: the dense base weight (n depends on W).
+
+On an nn.Embedding and an nn.Conv1d/2d/3d, as PEFT's DoRA does, W is the layer's weight as a linear map (see
+LoRA): (dim, num_embeddings) for an embedding, so n is the norm of each embedding dimension over the
+vocabulary, and the kernel flattened to (out, in * prod(kernel)) for a conv, so n is the norm over all but the
+output channel. A, B and the branch s B A x are LoRA's on that layer; the formulas above hold with W x the
+layer's own op (a lookup, a conv). An embedding has no bias and takes no dropout (PEFT applies none), so
+y = (m / n) * (E[ids] + s A^T[ids] B^T). A conv's m is stored in PEFT's shape (1, out, 1, ...).
 
 n is never built from the d_out x d_in matrix W + s B A. Writing bs_i for row i of s B,
     n_i^2 = ||w_i||^2 + bs_i . (2 (W A^T)_i + bs_i (A A^T))
@@ -41,13 +48,13 @@ from .lora import LoRA
 class DoRA(LoRA):
     needs_weight = True
     base_bound = True
-    # not LoRA's embedding and conv: its magnitude is a norm of W's rows, and the forward recomputes the layer as
-    # a linear map of x; PEFT's DoRA for embeddings and convs is not ported
-    layouts = ("linear", "conv1d")
+    layouts = ("linear", "conv1d", "embedding", "conv")
 
     def init(self, site: SiteInit) -> dict[str, torch.Tensor]:
         tensors = super().init(site)
         m = site.weight.pow(2).sum(1).sqrt()  # (d_out,): the same sum forward takes, so m / n = 1
+        if site.layout == "conv":
+            m = m.view(1, -1, *(1,) * len(site.spec.kernel_size))  # PEFT's (1, out, 1, ...)
         tensors["lora_magnitude_vector"] = m.to(dtype=site.dtype, device=site.device)
         return tensors
 
@@ -60,17 +67,40 @@ class DoRA(LoRA):
         n2 = W.pow(2).sum(1) + (Bs * (2 * (W @ At) + Bs @ (At.t() @ At))).sum(1)  # (d_out,)
         return n2.clamp_min(0).sqrt()  # rounding may push a vanishing row's n2 below 0
 
+    def lora(self, h, t):
+        """s B A h, applied as the layer applies W: a lookup of A^T's rows, a conv of A's kernel, or a matmul."""
+        lay, spec = t.site.layout, t.site.spec
+        if lay == "embedding":
+            after_A = F.embedding(h, t.lora_A.t(), spec.padding_idx, None, 2.0, spec.scale_grad_by_freq, spec.sparse)
+            return after_A @ self.scaled(t.lora_B).t()  # (..., dim)
+        if lay == "conv":
+            ones = (1,) * len(spec.kernel_size)
+            A = t.lora_A.view(self.r, spec.in_channels, *spec.kernel_size)
+            B = self.scaled(t.lora_B).view(spec.out_channels, self.r, *ones)
+            return spec.conv(spec.conv(h, A, None, spec.stride, spec.padding), B)  # (N, out, ...)
+        return F.linear(F.linear(h, t.lora_A), self.scaled(t.lora_B))  # (..., d_out)
+
     def forward(self, x, y, weight, bias, t):
-        g = t.lora_magnitude_vector / self.row_norm(weight, t.lora_A, t.lora_B)  # (d_out,)
-        if self.dropout > 0:
-            d = t.lora_dropout(x)  # (..., d_in)
-            lora = F.linear(F.linear(d, t.lora_A), self.scaled(t.lora_B))  # (..., d_out)
-            return y + (g - 1) * F.linear(d, weight) + g * lora  # (..., d_out)
-        lora = F.linear(F.linear(x, t.lora_A), self.scaled(t.lora_B))  # (..., d_out)
+        lay, spec = t.site.layout, t.site.spec
+        m = t.lora_magnitude_vector.flatten() if lay == "conv" else t.lora_magnitude_vector
+        g = m / self.row_norm(weight, t.lora_A, t.lora_B)  # (d_out,)
+        if lay == "conv":  # over the channel dimension, batched or not: (out, 1, ...)
+            ones = (1,) * len(spec.kernel_size)
+            g = g.view(-1, *ones)
+            bias = None if bias is None else bias.view(-1, *ones)
+        if self.dropout > 0 and lay != "embedding":
+            d = t.lora_dropout(x)
+            if lay == "conv":
+                base = spec.conv(d, weight.view(spec.out_channels, spec.in_channels, *spec.kernel_size), None,
+                                 spec.stride, spec.padding)
+            else:
+                base = F.linear(d, weight)  # (..., d_out)
+            return y + (g - 1) * base + g * self.lora(d, t)
+        lora = self.lora(x, t)
         if bias is None:
-            return (y + lora) * g  # (..., d_out)
-        return torch.addcmul(bias, y - bias + lora, g)  # (..., d_out): b + g * (W x + s B A x)
+            return (y + lora) * g
+        return torch.addcmul(bias, y - bias + lora, g)  # b + g * (W x + s B A x)
 
     def fold(self, weight, bias, t):
         V = torch.addmm(weight, t.lora_B, t.lora_A, alpha=self.scale)  # (d_out, d_in)
-        return (t.lora_magnitude_vector / V.norm(dim=1)).unsqueeze(1) * V, bias
+        return (t.lora_magnitude_vector.flatten() / V.norm(dim=1)).unsqueeze(1) * V, bias

@@ -146,11 +146,10 @@ def _export_lora(site: SiteAPI) -> _Part:
 
 
 def _export_dora(site: SiteAPI) -> _Part:
-    v, ts = site.variant, site.adapter_tensors()
-    tensors = _lora_tensors(ts["lora_A"].detach(), ts["lora_B"].detach(), ts["lora_A"].dtype)
-    tensors["lora_magnitude_vector"] = ts["lora_magnitude_vector"].detach()
-    return _Part("LORA", tensors, {"lora_dropout": v.dropout, "use_rslora": v.rslora, "use_dora": True},
-                 r=v.r, alpha=v.alpha)
+    part = _export_lora(site)  # A and B under PEFT's names and shapes for the layer; m is kept in PEFT's shape
+    part.tensors["lora_magnitude_vector"] = site.adapter_tensors()["lora_magnitude_vector"].detach()
+    part.shared["use_dora"] = True
+    return part
 
 
 def _plain(peft_type: str, **shared_of: Callable[[Any], Any]) -> Callable[[SiteAPI], _Part]:
@@ -171,8 +170,14 @@ def _plain(peft_type: str, **shared_of: Callable[[Any], Any]) -> Callable[[SiteA
 
 
 def _export_ia3(site: SiteAPI) -> _Part:
-    l = site.adapter_tensors()["ia3_l"].detach()
-    return _Part("IA3", {"ia3_l": l}, feedforward=tuple(l.shape) == (1, site.d_in) and site.d_out != 1)
+    if site.layout == "conv" and len(site.info.spec.kernel_size) == 1:
+        raise PeftFormatError(
+            f"{site.variant.short()} at {site.path} sits on an nn.Conv1d, which PEFT 0.21's IA3 refuses (it adapts "
+            "Linear, Conv2d, Conv3d and GPT-2 Conv1D only). Keep it in model-surgery's format (surgery.save), or "
+            "surgery.merge and save_pretrained for a plain checkpoint."
+        )
+    return _Part("IA3", {"ia3_l": site.adapter_tensors()["ia3_l"].detach()},
+                 feedforward=site.variant.input_side(site.path))
 
 
 def _export_delta(site: SiteAPI) -> _Part:
@@ -410,8 +415,28 @@ def _import_lora(config, path, tensors, site_dims):
 def _import_ia3(config, path, tensors, site_dims):
     cls = _variant_class("IA3", "IA3")
     d_in, d_out = site_dims
-    input_side = tuple(tensors["ia3_l"].shape) == (1, d_in) and d_out != 1
+    if tensors["ia3_l"].dim() > 2:  # a conv's (1, C, 1, ...) is the same shape on both sides: PEFT's rule decides
+        input_side = _peft_feedforward(config.get("feedforward_modules"), path)
+    else:
+        input_side = tuple(tensors["ia3_l"].shape) == (1, d_in) and d_out != 1
     return cls(feedforward=(path,) if input_side else ()), {"ia3_l": "ia3_l"}
+
+
+def _peft_feedforward(entries: Any, path: str) -> bool:
+    """PEFT's IA3 test of a module path against feedforward_modules: a regex string matches the whole path,
+    a list entry matches its end."""
+    if isinstance(entries, str):
+        try:
+            return bool(regex.fullmatch(entries, path, timeout=_PATTERN_SECONDS))
+        except (regex.error, TimeoutError):
+            raise PeftFormatError(
+                f"{CONFIG_NAME}: feedforward_modules {entries[:80]!r} is not a regex that matches {path!r} in "
+                f"{_PATTERN_SECONDS} s; re-save the adapter with PEFT."
+            ) from None
+    if not (isinstance(entries, list) and all(isinstance(e, str) for e in entries)):
+        raise PeftFormatError(f"{CONFIG_NAME}: feedforward_modules must be a regex or a list of module names, "
+                              f"got {clip(repr(entries))}.")
+    return any(path.endswith(e) for e in entries)
 
 
 def _import_hra(config, path, tensors, site_dims):
