@@ -130,9 +130,9 @@ def op_spec(path: str, module: nn.Module) -> EmbeddingSpec | ConvSpec | None:
 
 
 def dims(weight: torch.Tensor, lay: str) -> tuple[int, int]:
-    """(d_in, d_out) of a weight stored in layout ``lay``."""
+    """(d_in, d_out) of a weight stored in layout ``lay`` (of each expert, for a stack of experts (E, d_out, d_in))."""
     if lay == "linear":
-        return weight.shape[1], weight.shape[0]
+        return weight.shape[-1], weight.shape[-2]
     if lay == "conv":
         return math.prod(weight.shape[1:]), weight.shape[0]
     return weight.shape[0], weight.shape[1]  # conv1d, embedding: stored (d_in, d_out)
@@ -230,6 +230,9 @@ class SiteRecord:
     # blends each one inside its forward, and counts as gated
     gated: bool = False
     spec: EmbeddingSpec | ConvSpec | None = None  # the base op's other call arguments (see op_spec)
+    # a parameter site (surgery/param.py): the Parameter's name on ``original``, its owner; "" for a layer
+    param: str = ""
+    experts: int = 0  # a 3D parameter (E, d_out, d_in) is E linear maps, each with its own adapter tensors; else 0
 
     @property
     def running(self) -> Stack:
@@ -356,6 +359,17 @@ def own_tensors(module: nn.Module, skip: frozenset[str] = frozenset()) -> dict[s
     return out
 
 
+def fold_each(variant: Variant, W: torch.Tensor, b: torch.Tensor | None, tensors: dict[str, torch.Tensor],
+              info: SiteInfo, c: torch.Tensor, experts: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``variant.fold`` of one weight, or of each expert of a stack (W (E, d_out, d_in), every tensor (E, ...),
+    no bias) as one batched call; differentiable, so a parameter site's forward runs it too."""
+    def one(W, tensors):
+        return variant.fold(W, b, SimpleNamespace(site=info, surgery_scale=c, **tensors))
+    if not experts:
+        return one(W, tensors)
+    return torch.vmap(lambda W, ts: one(W, ts)[0])(W, tensors), None
+
+
 class AdapterView(SiteAPI):
     """One named adapter of a site, seen as a site of its own: what save, export and inspect write per adapter."""
 
@@ -405,12 +419,11 @@ class AdapterView(SiteAPI):
         W = linear_weight(w.detach(), self.layout).to(dt)
         b = None if owner.bias is None else owner.bias.detach().to(dt)
         c = torch.tensor(scale, dtype=dt, device=W.device)
-        t = SimpleNamespace(site=self.info, surgery_scale=c,
-                            **{n: v.detach().to(dt) for n, v in self.adapter_tensors().items()})
+        tensors = {n: v.detach().to(dt) for n, v in self.adapter_tensors().items()}
         with torch.no_grad():
             if scale == 0 and not self.replaced_base:
                 return W, b
-            W2, b2 = self.variant.fold(W, b, t)
+            W2, b2 = fold_each(self.variant, W, b, tensors, self.info, c, self.record.experts)
             if self.variant.steered or scale == 1:
                 return W2, b2
             base = self.original_weight.to(dt)  # the blend y + c (out - y) folds to W + c (W' - W)
