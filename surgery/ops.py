@@ -52,13 +52,13 @@ from .where import Matches, Where, match
 
 def matches(scope: Scope, where: Where, *, strict: bool = True) -> Matches:
     """`where` over the scope's paths; sites count as matchable, so a second rewrite can name them."""
-    cands = targets(scope)
+    cands = nameable(scope)
     ok = {id(cands[p]) for p in scope.adaptable() | set(scope.sites()) if p in cands}
     return match(cands, lambda m: id(m) in ok, where, strict=strict,
                  opt_in=lambda m: isinstance(m, (nn.Parameter, ParamSite)) or layout(m) in ("embedding", "conv"))
 
 
-def targets(scope: Scope) -> dict[str, nn.Module | nn.Parameter]:
+def nameable(scope: Scope) -> dict[str, nn.Module | nn.Parameter]:
     """What `where` and files may name: the scope's modules, then their Parameters (opt-in: a pattern reaches
     a Parameter only where it reaches no layer, so "*" still means every linear layer)."""
     return {**scope.candidates(), **scope.parameters()}
@@ -721,7 +721,7 @@ def check_targets(scope: Scope, targets: dict[str, tuple[int, int] | None], sour
                   names: dict[str, list[str]] | None = None) -> None:
     """Each path a file adapts must be an adaptable layer of this model with the saved shape, without an
     adapter of the name it brings (``names[path]``, default "default")."""
-    cands, sites = targets(scope), scope.sites()
+    cands, sites = nameable(scope), scope.sites()
     ok = scope.adaptable() | set(sites)
     for p, want in targets.items():
         clash = [n for n in (names or {}).get(p, [DEFAULT]) if p in sites and n in sites[p].record.adapters]
