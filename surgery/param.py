@@ -35,14 +35,14 @@ def adaptable_parameter(p: nn.Parameter) -> bool:
 
 
 def parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
-    """The Parameters of ``modules`` (path -> module, sites excluded) by path, except those that are sites."""
+    """The Parameters of ``modules`` (path -> module, "" the root) by path, except those that are sites."""
     out = {}
     for path, mod in modules.items():
         if isinstance(mod, (Site, ParamSite)):  # a site's own tensors
             continue
         for name, p in mod._parameters.items():
             if p is not None and not isinstance(mod._modules.get(name), ParamSite):
-                out[f"{path}.{name}"] = p
+                out[f"{path}.{name}" if path else name] = p
     return out
 
 

@@ -293,7 +293,7 @@ class GraphScope(Scope):
         return {p: m for p, m in _state(self.model)["modules"].items() if p and not p.startswith(inside)}
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        return parameters(self.candidates())
+        return parameters({"": _state(self.model)["modules"][""], **self.candidates()})
 
     def adaptable(self) -> set[str]:
         # adaptable classes the graph never runs are included, so that naming one is refused by base() with

@@ -169,7 +169,7 @@ class ModuleScope(Scope):
         return out
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        return parameters(self.candidates())
+        return parameters({"": self.model, **self.candidates()})
 
     def adaptable(self) -> set[str]:
         # a module holding a parameter site is not a layer site too: its forward reads the fold already
