@@ -141,18 +141,18 @@ def detach(site: ParamSite) -> None:
 
 def require_weight_space(path: str, variant: Variant, noun: str) -> None:
     """Refuse a variant whose adapter a fold of the weight cannot express, before anything changes."""
-    why = None
     if variant.needs_calibration:
-        why = "it is initialised from the inputs of the layer, and a parameter has no layer input of its own"
+        why = ("it is initialised from the inputs of a layer, and a parameter site sees no input, only the weight its "
+               "module reads")
+        fix = f"use LoRA there (EVA is a LoRA with a data-driven init), or adapt a layer with {variant.name}"
     elif variant.modules():
-        why = (f"its forward runs {', '.join(variant.modules())} on the layer's input (dropout?), and a parameter "
-               "site computes no input, only the weight W' = fold(W) its module reads")
-    if why:
-        raise ConfigError(
-            f"{variant.short()} cannot adapt the parameter {path}: {why}. Use it without that option (e.g. "
-            f"dropout=0.0), a variant whose fold says all (LoRA, DoRA, IA3, HRA, DeLoRA), or adapt a layer; the "
-            f"{noun} was left unchanged."
-        )
+        why = (f"its forward runs {', '.join(variant.modules())} on the layer's input, and a parameter site computes "
+               "no input, only the weight W' = fold(W) its module reads (PEFT refuses lora_dropout there too)")
+        fix = f"use {variant.name} without it (dropout=0.0)"
+    else:
+        return
+    raise ConfigError(f"{variant.short()} cannot adapt the parameter {path}: {why}. Fix: {fix}; the {noun} was left "
+                      "unchanged.")
 
 
 def replacing(path: str, variant: Variant, noun: str) -> ConfigError:

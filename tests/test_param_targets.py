@@ -22,6 +22,7 @@ import surgery
 from adapters import DoRA, EVA, HRA, IA3, LoRA, PiSSA, ROAD, AntiPaSTO, DeLoRA
 from models import SCOPES, in_scope, rel_err
 from surgery import errors as E
+from surgery.param import ParamSite
 from test_errors import assert_unchanged, snapshot
 
 EXPERTS = "*.mlp.experts.{gate_up_proj,down_proj}"
@@ -203,6 +204,36 @@ def test_runtime_strength_and_disabled():
     assert rel_err(logits(merged), half) <= 1e-5
 
 
+def test_the_fold_runs_once_per_call_of_its_module(monkeypatch):
+    """The experts loop reads gate_up_proj once per expert it routes to; the fold runs once per forward."""
+    m = moe()
+    surgery.rewrite(m, LoRA(r=2), EXPERTS)
+    calls = []
+    forward = ParamSite.forward
+    monkeypatch.setattr(ParamSite, "forward", lambda self: calls.append(self.path) or forward(self))
+    logits(m)
+    assert sorted(calls) == sorted(surgery.sites(m))
+    calls.clear()
+    m.model.layers[0].mlp.experts.gate_up_proj  # read outside a forward: folded on the spot
+    assert calls == ["model.layers.0.mlp.experts.gate_up_proj"]
+
+
+@pytest.mark.parametrize("variant", [LoRA(r=2), DoRA(r=2)], ids=lambda v: v.name)
+def test_half_precision_base(variant):
+    base = moe().to(torch.bfloat16)
+    ref = logits(base)
+    m = copy.deepcopy(base)
+    surgery.rewrite(m, variant, EXPERTS)
+    s = surgery.sites(m)["model.layers.0.mlp.experts.down_proj"]
+    assert all(t.dtype == torch.float32 for t in s.adapter_tensors().values())
+    assert m.model.layers[0].mlp.experts.down_proj.dtype == torch.bfloat16
+    assert torch.equal(logits(m), ref)
+    randomise(m)
+    unmerged = logits(m)
+    surgery.merge(m)
+    assert rel_err(logits(m), unmerged) <= 1e-6
+
+
 def test_two_named_adapters_add_up():
     m = moe()
     ref = logits(m)
@@ -313,9 +344,9 @@ BAD = {
     "integer-parameter": (toy, lambda m: surgery.rewrite(m, LoRA(r=2), "experts.steps"), E.UnsupportedModuleError,
                           ["experts.steps", "int64", "floating-point"]),
     "dropout": (moe, lambda m: surgery.rewrite(m, LoRA(r=2, dropout=0.1), EXPERTS), E.ConfigError,
-                ["lora_dropout", "dropout=0.0", "gate_up_proj"]),
+                ["lora_dropout", "dropout=0.0", "gate_up_proj", "no input"]),
     "calibration": (moe, lambda m: surgery.rewrite(m, EVA(r=2), EXPERTS, calibration=[{"input_ids": IDS}]),
-                    E.ConfigError, ["EVA", "inputs", "LoRA"]),
+                    E.ConfigError, ["EVA", "inputs of a layer", "use LoRA there"]),
     "replaces-base": (moe, lambda m: surgery.rewrite(m, PiSSA(r=2), EXPERTS), E.ConfigError,
                       ["PiSSA", "replaces the base weight", "LoRA"]),
     "layer-on-an-owner": (toy, lambda m: (surgery.rewrite(m, LoRA(r=2), "head.weight"),
