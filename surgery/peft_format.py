@@ -369,6 +369,15 @@ def _peft_files(model: nn.Module, scope: Scope, sites: dict[str, SiteAPI]) -> tu
         config["alpha_pattern"] = _pattern(alphas, config["lora_alpha"])
     layers = [p for p in parts if not sites[p].record.param]
     params = [p for p in parts if sites[p].record.param]
+    for p in params:
+        owner = p.rpartition(".")[0]
+        if owner and isinstance(scope.model.get_submodule(owner.rpartition(".")[0]), nn.MultiheadAttention):
+            raise PeftFormatError(
+                f"cannot export the parameter site {p} to PEFT: its nn.MultiheadAttention reads {p} without calling "
+                f"{owner}, and PEFT 0.21 applies a target_parameters LoRA only while the owner's forward runs, so it "
+                f"would load as a silent no-op. Keep it in model-surgery's format (surgery.save), or surgery.merge and "
+                "save_pretrained."
+            )
     config["target_modules"] = _selector(layers, list(scope.candidates()))
     if params:  # PEFT matches target_parameters by name or by a ".<entry>" suffix: full paths, never a regex
         chosen = _selector(params, list(scope.parameters()) + list(scope.sites()))

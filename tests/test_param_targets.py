@@ -407,3 +407,116 @@ def test_where_glob_over_layers_and_parameters_takes_the_layers(scope):
     target = in_scope(scope, m, X)
     assert surgery.plan(target, "*").paths == ["inp", "head"]
     assert surgery.plan(target, "{mix,head}").paths == ["head", "mix"]
+
+
+# ----- nn.MultiheadAttention: its two weights, which it reads without calling a layer -----
+
+
+class Attending(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+MHA = ["attn.in_proj_weight", "attn.out_proj.weight"]
+Q = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(4))
+
+
+def attending() -> Attending:
+    torch.manual_seed(0)
+    return Attending().eval()
+
+
+def _peft_mha(base: nn.Module, ours: nn.Module) -> nn.Module:
+    """PEFT 0.21's LoRA on the attention (lora.MultiheadAttention), with our adapter tensors copied in."""
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn"]))
+    attn, sites = pm.base_model.model.attn, surgery.sites(ours)
+    with torch.no_grad():
+        for layer, path in ((attn, "attn.in_proj_weight"), (attn.base_layer.out_proj, "attn.out_proj.weight")):
+            for n in ("lora_A", "lora_B"):
+                getattr(layer, n)["default"].weight.copy_(sites[path].adapter_tensors()[n])
+    return pm.eval()
+
+
+def test_multihead_attention_in_weight_space_against_peft():
+    """in_proj_weight matches PEFT's MHA LoRA exactly. out_proj.weight: PEFT 0.21's MultiheadAttention.merge adds
+    the out_proj delta by hand and then again through out_proj.merge(), so it runs W + 2 dW (huggingface/peft#3774,
+    open); ours runs W + dW, which the test checks against the attention with W + dW written in, and it pins
+    PEFT's doubling so that a fixed PEFT shows here."""
+    base = attending()
+    ours = copy.deepcopy(base)
+    surgery.rewrite(ours, LoRA(r=2, alpha=4), MHA)
+    # not bit for bit: with weights that need a gradient the attention leaves its fused fast path
+    assert rel_err(ours(Q), base(Q)) <= 1e-6
+    randomise(ours)
+    pm = _peft_mha(base, ours)
+    reference = copy.deepcopy(base)  # the attention with W + s B A written into both weights
+    sites = surgery.sites(ours)
+    with torch.no_grad():
+        for path in MHA:
+            t = sites[path].adapter_tensors()
+            reference.get_parameter(path).add_(2.0 * t["lora_B"] @ t["lora_A"])
+    assert rel_err(ours(Q), reference(Q)) <= 1e-6
+    assert rel_err(ours(Q), pm(Q)) > 1e-2  # PEFT's doubled out_proj delta
+
+    doubled = copy.deepcopy(base)  # ours with the out_proj delta at twice the scale: PEFT 0.21's outputs
+    surgery.rewrite(doubled, LoRA(r=2, alpha=4), "attn.in_proj_weight")
+    surgery.rewrite(doubled, LoRA(r=2, alpha=8), "attn.out_proj.weight")
+    with torch.no_grad():
+        for path, s in surgery.sites(doubled).items():
+            for n, t in s.adapter_tensors().items():
+                t.copy_(sites[path].adapter_tensors()[n])
+    assert rel_err(doubled(Q), pm(Q)) <= 1e-6
+
+    only_in = copy.deepcopy(base)  # in_proj_weight alone: PEFT with out_proj's lora_B at 0
+    surgery.rewrite(only_in, LoRA(r=2, alpha=4), "attn.in_proj_weight")
+    with torch.no_grad():
+        for n, t in surgery.sites(only_in)["attn.in_proj_weight"].adapter_tensors().items():
+            t.copy_(sites["attn.in_proj_weight"].adapter_tensors()[n])
+        pm.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.zero_()
+    assert rel_err(only_in(Q), pm(Q)) <= 1e-6
+
+
+def test_multihead_attention_trains_merges_restores():
+    base = attending()
+    ref = base(Q)
+    m = copy.deepcopy(base)
+    surgery.rewrite(m, LoRA(r=2, alpha=4), MHA)
+    _train(m, lambda m: m(Q))
+    randomise(m)
+    trained = m(Q).detach()
+    kept = copy.deepcopy(m)
+    surgery.merge(m)
+    assert type(m.attn.out_proj) is type(base.attn.out_proj) and rel_err(m(Q), trained) <= 1e-6
+    surgery.restore(kept)
+    assert type(kept.attn.out_proj) is type(base.attn.out_proj)
+    assert all(torch.equal(t, base.state_dict()[k]) for k, t in kept.state_dict().items())
+    assert torch.equal(kept(Q), ref)
+
+
+def test_multihead_attention_export(tmp_path):
+    """in_proj_weight alone loads in PEFT as target_parameters; out_proj.weight would load there as a silent no-op
+    (PEFT applies it only while out_proj's own forward runs, which the attention never calls), so it is refused."""
+    base = attending()
+    m = copy.deepcopy(base)
+    surgery.rewrite(m, LoRA(r=2, alpha=4), "attn.in_proj_weight")
+    randomise(m)
+    surgery.export_peft(m, tmp_path / "in")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "in").eval()
+    assert rel_err(pm(Q), m(Q)) <= 1e-6 and rel_err(m(Q), base(Q)) > 1e-2
+    surgery.rewrite(m, LoRA(r=2, alpha=4), "attn.out_proj.weight")
+    with pytest.raises(E.PeftFormatError, match="silent no-op"):
+        surgery.export_peft(m, tmp_path / "both")
+    assert not (tmp_path / "both").exists()
+
+
+def test_out_proj_as_a_layer_is_still_refused_and_points_to_its_weight():
+    m = attending()
+    snap = snapshot(m)
+    with pytest.raises(E.UnsupportedModuleError, match=r"silent no-op.*where='attn.out_proj.weight'"):
+        surgery.rewrite(m, LoRA(r=2), "attn.out_proj")
+    assert_unchanged(m, snap)

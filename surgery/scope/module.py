@@ -195,12 +195,14 @@ class ModuleScope(Scope):
         found = self._param_base(path)
         if found is not None:
             return found
-        parent = self.model.get_submodule(path.rpartition(".")[0])
+        parent_path = path.rpartition(".")[0]
+        parent = self.model.get_submodule(parent_path)
         if isinstance(parent, nn.MultiheadAttention):
             raise UnsupportedModuleError(
                 f"{path} is the output projection of an nn.MultiheadAttention, which reads its weight directly "
                 "(F.multi_head_attention_forward) instead of calling it, so an adapter there would be a silent "
-                f"no-op. Adapt the layers around the attention instead, or leave {path} out of `where`."
+                f"no-op. Adapt its weight in weight space instead (where='{path}.weight', and '{parent_path}.in_proj_weight' "
+                f"for the input projections), or leave {path} out of `where`."
             )
         leaf = self.model.get_submodule(path)
         if isinstance(leaf, Site):  # a site getting another adapter: built again around the original leaf
