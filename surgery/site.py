@@ -11,6 +11,9 @@ module, the original weight where the variant replaced it) and get their behavio
   not change, the adapter's tensors sit beside them (``k_proj.lora_A``), and ``print(site.code)``
   shows the adapted forward as plain Python.
 - Graph scope: ``GraphSite`` (in ``surgery/scope/graph.py``) is a view of nodes in a whole-model graph.
+- A Parameter read functionally (MoE experts, nn.MultiheadAttention's ``in_proj_weight``) is a site in weight
+  space: ``ParamSite`` (``surgery/param.py``, module scope), whose record names the Parameter (``param``) and,
+  for a 3D stack of experts, their number (``experts``).
 """
 
 from __future__ import annotations

@@ -250,6 +250,9 @@ def test_two_named_adapters_add_up():
     assert rel_err(both, a) > 1e-4 and rel_err(both, b) > 1e-4 and rel_err(a, ref) > 1e-4
     surgery.delete(m, "b")
     assert torch.equal(logits(m), a)
+    surgery.delete(m, "default")  # the last adapter: the sites go, the experts read their Parameters again
+    assert not surgery.sites(m) and type(m.model.layers[0].mlp.experts) is type(moe().model.layers[0].mlp.experts)
+    assert torch.equal(logits(m), ref)
 
 
 # ----- PEFT 0.21's target_parameters -----

@@ -1,5 +1,6 @@
 """Module scope: each matched leaf of an ``nn.Module`` is replaced by a ``Site`` (a traced leaf with the
-variant spliced in); the leaf itself is kept on the site's record and put back by ``remove``."""
+variant spliced in); the leaf itself is kept on the site's record and put back by ``remove``. A matched
+Parameter gets a ``ParamSite`` beside it on its owner (``surgery/param.py``), which ``remove`` takes out again."""
 
 from __future__ import annotations
 
