@@ -128,8 +128,9 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
     paths = resolve(scope, where, name)
     plan: dict[str, Variant] = {p: variant for p in paths}
     for p in paths:  # before calibration runs the model
-        require_layout(scope.base(p), variant, scope)
-        if scope.base(p).param:
+        base = scope.base(p)
+        require_layout(base, variant, scope)
+        if base.param:
             require_weight_space(p, variant, scope.noun)
     states: dict[str, Any] = {}
     if variant.needs_calibration:

@@ -371,7 +371,13 @@ def _peft_files(model: nn.Module, scope: Scope, sites: dict[str, SiteAPI]) -> tu
     params = [p for p in parts if sites[p].record.param]
     for p in params:
         owner = p.rpartition(".")[0]
-        if owner and isinstance(scope.model.get_submodule(owner.rpartition(".")[0]), nn.MultiheadAttention):
+        if not owner:
+            raise PeftFormatError(
+                f"cannot export the parameter site {p} to PEFT: it is a Parameter of the model itself, and PEFT 0.21 "
+                "wraps the module that holds a target parameter, which the root cannot be. Keep it in model-surgery's "
+                "format (surgery.save), or surgery.merge and save_pretrained."
+            )
+        if isinstance(scope.model.get_submodule(owner.rpartition(".")[0]), nn.MultiheadAttention):
             raise PeftFormatError(
                 f"cannot export the parameter site {p} to PEFT: its nn.MultiheadAttention reads {p} without calling "
                 f"{owner}, and PEFT 0.21 applies a target_parameters LoRA only while the owner's forward runs, so it "

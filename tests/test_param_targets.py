@@ -393,6 +393,14 @@ def test_export_of_a_variant_peft_cannot_adapt_a_parameter_with_writes_nothing(t
     assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
 
 
+def test_export_of_a_parameter_of_the_root_is_refused(tmp_path):
+    m = toy()
+    surgery.rewrite(m, LoRA(r=2), "mix")
+    with pytest.raises(E.PeftFormatError, match="of the model itself"):
+        surgery.export_peft(m, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_graph_scope_refuses_parameters_and_says_to_use_module_scope():
     m = toy()
     gm = in_scope("graph", m, X)
