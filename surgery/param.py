@@ -109,20 +109,47 @@ def _close(owner, args, out):
     owner.__dict__.pop(_FOLDED, None)
 
 
+def _reads_fold(cls: type, name: str) -> None:
+    if not isinstance(cls.__dict__.get(name), property):
+        setattr(cls, name, property(lambda m, name=name: _read(m, name)))
+
+
+def _rebuild(cls: type) -> nn.Module:
+    sub = _adapted(cls)
+    return sub.__new__(sub)
+
+
+def _reduce_ex(self, protocol):
+    # the subclass is made at run time, so pickle cannot name it: it names the owner's own class and remakes it
+    return _rebuild, (type(self).__mro__[1],), self.__getstate__()
+
+
+def _setstate(self, state) -> None:
+    type(self).__mro__[1].__setstate__(self, state)
+    for name, m in self._modules.items():  # a fresh process has a fresh subclass, without the properties yet
+        if isinstance(m, ParamSite):
+            _reads_fold(type(self), name)
+
+
+def _adapted(cls: type) -> type:
+    """The subclass of ``cls`` that an owner of parameter sites takes: one per class (not per instance), so a deep
+    copy shares it safely; a property per adapted name reads the fold, or the attribute where it is not adapted."""
+    sub = _ADAPTED.get(cls)
+    if sub is None:
+        sub = _ADAPTED[cls] = type(cls.__name__, (cls,), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__reduce_ex__": _reduce_ex,
+            "__setstate__": _setstate})
+    return sub
+
+
 def attach(site: ParamSite) -> None:
     """Put ``site`` in: reads of the Parameter on its owner get the fold from now on."""
     owner, name = site.record.original, site.record.param
-    cls = type(owner)
-    if cls not in _ADAPTED.values():
-        sub = _ADAPTED.get(cls)
-        if sub is None:  # one subclass per class (not per instance): a deep copy shares it safely
-            sub = _ADAPTED[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__,
-                                                               "__qualname__": cls.__qualname__})
-        owner.__class__ = sub
+    if type(owner) not in _ADAPTED.values():
+        owner.__class__ = _adapted(type(owner))
         owner.register_forward_pre_hook(_open)
         owner.register_forward_hook(_close, always_call=True)
-    if not isinstance(type(owner).__dict__.get(name), property):
-        setattr(type(owner), name, property(lambda m, name=name: _read(m, name)))
+    _reads_fold(type(owner), name)
     owner._modules[name] = site  # beside the Parameter of the same name, which nn.Module.__setattr__ would drop
 
 

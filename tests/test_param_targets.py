@@ -10,6 +10,9 @@ SGD step); the variants a fold cannot express, and bad parameters, are refused w
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -216,6 +219,20 @@ def test_the_fold_runs_once_per_call_of_its_module(monkeypatch):
     calls.clear()
     m.model.layers[0].mlp.experts.gate_up_proj  # read outside a forward: folded on the spot
     assert calls == ["model.layers.0.mlp.experts.gate_up_proj"]
+
+
+def test_a_pickled_model_keeps_its_parameter_sites(tmp_path):
+    """torch.save / torch.load of the whole model, in a fresh process (where the owner's subclass is remade)."""
+    m = moe()
+    surgery.rewrite(m, LoRA(r=2), EXPERTS)
+    randomise(m)
+    torch.save(m, tmp_path / "m.pt")
+    torch.save(logits(m), tmp_path / "want.pt")
+    code = ("import sys, torch; sys.path[:0] = sys.argv[1:3]; import surgery; from test_param_targets import logits; "
+            f"m = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False); "
+            f"assert len(surgery.sites(m)) == 4; assert torch.equal(logits(m), torch.load({str(tmp_path / 'want.pt')!r}))")
+    root = Path(__file__).parent
+    subprocess.run([sys.executable, "-c", code, str(root.parent), str(root)], check=True)
 
 
 @pytest.mark.parametrize("variant", [LoRA(r=2), DoRA(r=2)], ids=lambda v: v.name)
