@@ -173,8 +173,7 @@ class ModuleScope(Scope):
         return parameters({"": self.model, **self.candidates()})
 
     def adaptable(self) -> set[str]:
-        # a module holding a parameter site is not a layer site too: its forward reads the fold already
-        layers = {p for p, m in self.candidates().items() if adaptable(m) and not owns_sites(m)}
+        layers = {p for p, m in self.candidates().items() if adaptable(m)}
         return layers | {p for p, w in self.parameters().items() if adaptable_parameter(w)}
 
     def sites(self) -> dict[str, Site | ParamSite]:
@@ -206,6 +205,13 @@ class ModuleScope(Scope):
                 f"for the input projections), or leave {path} out of `where`."
             )
         leaf = self.model.get_submodule(path)
+        if owns_sites(leaf):
+            held = next(n for n, m in leaf._modules.items() if isinstance(m, ParamSite))
+            raise UnsupportedModuleError(
+                f"cannot adapt {path} as a layer: its Parameter {path}.{held} is a parameter site already, which its "
+                f"forward reads as the fold, and a layer site traces that forward. Add the adapter to the parameter "
+                f"instead (where='{path}.{held}', with another name=), or surgery.merge / surgery.restore first."
+            )
         if isinstance(leaf, Site):  # a site getting another adapter: built again around the original leaf
             return Base(path, leaf.layout, leaf.base_class, leaf.base, site=leaf, spec=leaf.record.spec)
         return Base(path, layout(leaf), type(leaf).__name__, leaf, spec=op_spec(path, leaf))
