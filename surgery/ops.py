@@ -8,6 +8,7 @@ same module objects, same ``requires_grad`` flags, no stray sites.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import warnings
@@ -39,6 +40,7 @@ from .errors import (
 from . import hf, quant
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
+from .param import ParamSite, replacing, require_weight_space
 from .site import SiteAPI, dims, gathered, is_sharded, layout, probe_input
 from .splice import DEFAULT, SCALE, Part
 from .variant import REGISTRY, SiteInit, Variant
@@ -50,10 +52,16 @@ from .where import Matches, Where, match
 
 def matches(scope: Scope, where: Where, *, strict: bool = True) -> Matches:
     """`where` over the scope's paths; sites count as matchable, so a second rewrite can name them."""
-    cands = scope.candidates()
+    cands = nameable(scope)
     ok = {id(cands[p]) for p in scope.adaptable() | set(scope.sites()) if p in cands}
     return match(cands, lambda m: id(m) in ok, where, strict=strict,
-                 opt_in=lambda m: layout(m) in ("embedding", "conv"))
+                 opt_in=lambda m: isinstance(m, (nn.Parameter, ParamSite)) or layout(m) in ("embedding", "conv"))
+
+
+def nameable(scope: Scope) -> dict[str, nn.Module | nn.Parameter]:
+    """What `where` and files may name: the scope's modules, then their Parameters (opt-in: a pattern reaches
+    a Parameter only where it reaches no layer, so "*" still means every linear layer)."""
+    return {**scope.candidates(), **scope.parameters()}
 
 
 def resolve(scope: Scope, where: Where, name: str = DEFAULT) -> list[str]:
@@ -120,7 +128,10 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
     paths = resolve(scope, where, name)
     plan: dict[str, Variant] = {p: variant for p in paths}
     for p in paths:  # before calibration runs the model
-        require_layout(scope.base(p), variant, scope)
+        base = scope.base(p)
+        require_layout(base, variant, scope)
+        if base.param:
+            require_weight_space(p, variant, scope.noun)
     states: dict[str, Any] = {}
     if variant.needs_calibration:
         states = collect(scope, variant, paths, calibration)
@@ -237,21 +248,26 @@ def install(scope: Scope, plan: dict[str, dict[str, Variant]], *, states: dict[s
             )
         aliases = scope.aliases(path)
         if aliases:
+            what = "Parameter" if base.param else "module"
             raise UnsupportedModuleError(
-                f"{path} is the same module object as {aliases[0]}: adapting it at one path would leave the other "
-                f"calling the original, and merging would change both. Give {aliases[0]} its own module (e.g. "
-                f"copy.deepcopy), or adapt a model where each layer is registered once."
+                f"{path} is the same {what} object as {aliases[0]}: adapting it at one path would leave the other "
+                f"reading the original, and merging would change both. Give {aliases[0]} its own {what} (e.g. "
+                f"copy.deepcopy), or adapt a model where each {what} is registered once."
             )
         if base.site is not None and base.site.replaced_base:
             raise _no_stack(scope, path, base.site.variant, next(iter(named)))
         parts, ctx = [], None
         for name, variant in named.items():
             require_layout(base, variant, scope)
+            if base.param:
+                require_weight_space(path, variant, scope.noun)
             ctx = site_init(base, variant, calibration=states.get(path), loading=loading)
             _call_variant(variant, "check", path, lambda: variant.check(ctx))
             require_bounded_rank(variant, ctx)
-            tensors = _call_variant(variant, "init", path, lambda: variant.init(ctx))
+            tensors = _call_variant(variant, "init", path, lambda: _init(variant, ctx, base.experts))
             _check_init(variant, path, ctx, tensors)
+            if ctx.new_weight is not None and base.param:
+                raise replacing(path, variant, scope.noun)
             if ctx.new_weight is not None:
                 if base.quant:
                     raise ConfigError(
@@ -324,6 +340,19 @@ def _no_stack(scope: Scope, path: str, variant: Variant, name: str) -> ConfigErr
         f"A replacing variant must be a site's only adapter: merge it first (surgery.merge({call_arg(scope)})), or "
         "adapt other modules."
     )
+
+
+def _init(variant: Variant, ctx: SiteInit, experts: int) -> dict[str, torch.Tensor]:
+    """The variant's tensors at one site; for a stack of experts, each expert's (from its own weight), stacked."""
+    if not experts:
+        return variant.init(ctx)
+    each = []
+    for e in range(experts):
+        one = dataclasses.replace(ctx, weight=None if ctx.weight is None else ctx.weight[e])
+        each.append(variant.init(one))
+        if one.new_weight is not None:
+            ctx.new_weight = one.new_weight
+    return {n: torch.stack([t[n] for t in each]) for n in each[0]}
 
 
 def _check_init(variant: Variant, path: str, ctx: SiteInit, tensors: Any) -> None:
@@ -504,7 +533,8 @@ def _restore_flags(scope: Scope, originals: dict[str, nn.Parameter]) -> None:
 
 
 def _originals(sites: dict[str, SiteAPI]) -> dict[str, nn.Parameter]:
-    return {f"{p}.{n}": t for p, s in sites.items() for n, t in s.record.original.named_parameters()}
+    return {f"{p}.{n}": t for p, s in sites.items() if not s.record.param
+            for n, t in s.record.original.named_parameters()}
 
 
 def rebuild(scope: Scope, changes: dict[str, list[Part]]) -> None:
@@ -567,7 +597,7 @@ def merge(model: nn.Module, *, dequantize: bool = False,
                 "nothing to fold. Load real weights (e.g. model.to_empty(device='cpu') and load a checkpoint) first."
             )
         _fold_checked(scope, site)  # checked, then dropped: holding every W' at once would double the model
-        tied = [n for n in owners.get(id(site.base_weight), []) if n not in (f"{path}.weight", f"{path}.{quant.BASE}.weight")]
+        tied = [n for n in owners.get(id(site.base_weight), []) if n not in (f"{path}.weight", f"{path}.{quant.BASE}.weight", path)]
         if tied:
             untie[path] = tied
     for path, tied in untie.items():
@@ -610,11 +640,12 @@ def _fold_checked(scope: Scope, site: SiteAPI) -> tuple[torch.Tensor, torch.Tens
             f"{v.name}.fold changed whether {path} has a bias; this is a bug in the variant. "
             f"The {scope.noun} was left unchanged."
         )
-    if tuple(W.shape) != (site.d_out, site.d_in) or (b is not None and tuple(b.shape) != (site.d_out,)):
+    want = (site.record.experts,) * bool(site.record.experts) + (site.d_out, site.d_in)
+    if tuple(W.shape) != want or (b is not None and tuple(b.shape) != (site.d_out,)):
         raise VariantContractError(
             f"{v.name}.fold returned W' of shape {tuple(W.shape)}"
             f"{'' if b is None else f' and b of shape {tuple(b.shape)}'} at {path}; expected "
-            f"({site.d_out}, {site.d_in}) and ({site.d_out},). This is a bug in the variant; the {scope.noun} was "
+            f"{want} and ({site.d_out},). This is a bug in the variant; the {scope.noun} was "
             "left unchanged."
         )
     bad = [n for n, t in (("weight", W), ("bias", b)) if t is not None and not _finite(t)]
@@ -710,7 +741,7 @@ def check_targets(scope: Scope, targets: dict[str, tuple[int, int] | None], sour
                   names: dict[str, list[str]] | None = None) -> None:
     """Each path a file adapts must be an adaptable layer of this model with the saved shape, without an
     adapter of the name it brings (``names[path]``, default "default")."""
-    cands, sites = scope.candidates(), scope.sites()
+    cands, sites = nameable(scope), scope.sites()
     ok = scope.adaptable() | set(sites)
     for p, want in targets.items():
         clash = [n for n in (names or {}).get(p, [DEFAULT]) if p in sites and n in sites[p].record.adapters]

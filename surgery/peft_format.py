@@ -294,9 +294,44 @@ def _modules_to_save(scope: Scope, name: str, config: dict[str, Any], tensors: d
     tensors.update({PREFIX + k: t for k, t in unfrozen_state(scope, name, "export").items()})
 
 
+def _param_part(site: SiteAPI) -> _Part:
+    """A parameter site as PEFT 0.21's ``target_parameters`` LoRA (``lora.ParamWrapper``): LoRA only, and for
+    E experts lora_A (E * r, d_in) with expert e's rows at e * r, lora_B (d_out, r * E) with its columns at
+    k * E + e (its Linear's weight viewed as (d_out, r, E))."""
+    if _exporter(site) is not _export_lora:
+        raise PeftFormatError(
+            f"{site.variant.short()} at the parameter {site.path} has no PEFT form: PEFT 0.21 adapts parameters "
+            "(target_parameters) with plain LoRA only. Keep it in model-surgery's format (surgery.save), or "
+            "surgery.merge and save_pretrained."
+        )
+    part = _export_lora(site)
+    E = site.record.experts
+    if E:
+        A, B = part.tensors["lora_A.weight"], part.tensors["lora_B.weight"]  # (E, r, d_in), (E, d_out, r)
+        part.tensors = {"lora_A.weight": A.reshape(-1, A.shape[-1]).contiguous(),
+                        "lora_B.weight": B.permute(1, 2, 0).reshape(B.shape[1], -1).contiguous()}
+    return part
+
+
+def _nested(sites: dict[str, SiteAPI]) -> dict[str, str]:
+    """Where PEFT keeps each site's tensors: a layer's under its path; a parameter's under its owner, one
+    ``base_layer.`` deeper for each parameter of that owner adapted after it (PEFT wraps them one inside the
+    other, in the owner's order of parameters)."""
+    out = {}
+    for p, s in sites.items():
+        if not s.record.param:
+            out[p] = p
+            continue
+        owner, order = p.rpartition(".")[0], list(s.record.original._parameters)
+        later = [q for q in sites if sites[q].record.param and q.rpartition(".")[0] == owner
+                 and order.index(sites[q].record.param) > order.index(s.record.param)]
+        out[p] = owner + ".base_layer" * len(later)
+    return out
+
+
 def _peft_files(model: nn.Module, scope: Scope, sites: dict[str, SiteAPI]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """PEFT's config and tensors for one adapter (``sites``: its view at each path)."""
-    parts = {p: _exporter(s)(s) for p, s in sites.items()}
+    parts = {p: (_param_part if s.record.param else _exporter(s))(s) for p, s in sites.items()}
     types = {p: part.peft_type for p, part in parts.items()}
     if len(set(types.values())) > 1:
         by = {}
@@ -337,7 +372,33 @@ def _peft_files(model: nn.Module, scope: Scope, sites: dict[str, SiteAPI]) -> tu
         alphas = {p: part.alpha if part.alpha is not None else float(root(part.r)) for p, part in parts.items()}
         config["lora_alpha"] = _most_common(alphas)
         config["alpha_pattern"] = _pattern(alphas, config["lora_alpha"])
-    config["target_modules"] = _selector(list(parts), list(scope.candidates()))
+    layers = [p for p in parts if not sites[p].record.param]
+    params = [p for p in parts if sites[p].record.param]
+    for p in params:
+        owner = p.rpartition(".")[0]
+        if not owner:
+            raise PeftFormatError(
+                f"cannot export the parameter site {p} to PEFT: it is a Parameter of the model itself, and PEFT 0.21 "
+                "wraps the module that holds a target parameter, which the root cannot be. Keep it in model-surgery's "
+                "format (surgery.save), or surgery.merge and save_pretrained."
+            )
+        if isinstance(scope.model.get_submodule(owner.rpartition(".")[0]), nn.MultiheadAttention):
+            raise PeftFormatError(
+                f"cannot export the parameter site {p} to PEFT: its nn.MultiheadAttention reads {p} without calling "
+                f"{owner}, and PEFT 0.21 applies a target_parameters LoRA only while the owner's forward runs, so it "
+                f"would load as a silent no-op. Keep it in model-surgery's format (surgery.save), or surgery.merge and "
+                "save_pretrained."
+            )
+    config["target_modules"] = _selector(layers, list(scope.candidates()))
+    if params:  # PEFT matches target_parameters by name or by a ".<entry>" suffix: full paths, never a regex
+        chosen = _selector(params, list(scope.parameters()) + list(scope.sites()))
+        if isinstance(chosen, str):
+            raise PeftFormatError(
+                f"cannot export the parameter sites {', '.join(params[:3])}: PEFT picks target_parameters by name "
+                "suffix, which would also adapt another parameter of this model. Keep it in model-surgery's format "
+                "(surgery.save)."
+            )
+        config["target_parameters"] = chosen
     if peft_type == "IA3":  # PEFT tests feedforward entries with a bare endswith, among the targets
         ff = [p for p, part in parts.items() if part.feedforward]
         config["feedforward_modules"] = _selector(ff, list(parts), sep="") if ff else []
@@ -348,7 +409,8 @@ def _peft_files(model: nn.Module, scope: Scope, sites: dict[str, SiteAPI]) -> tu
         cls = scope.model_class()
         config["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
-    tensors = {f"{PREFIX}{p}.{k}": t.to("cpu").contiguous() for p, part in parts.items() for k, t in part.tensors.items()}
+    keys = _nested(sites)
+    tensors = {f"{PREFIX}{keys[p]}.{k}": t.to("cpu").contiguous() for p, part in parts.items() for k, t in part.tensors.items()}
     return config, tensors
 
 
@@ -400,7 +462,7 @@ def _import_lora(config, path, tensors, site_dims):
     alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"], "alpha_pattern")
     cls = _variant_class("DoRA" if config.get("use_dora") else "LoRA", "LORA")
     v = cls(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False))
-    if A.shape[0] != r:
+    if A.shape[-2] != r:  # (r, d_in), or (E, r, d_in) for a stack of experts
         raise AdapterFileError(
             f"{path}: lora_A has {A.shape[0]} rows but the config gives r={r} for this module; the adapter "
             "directory is inconsistent (config and tensors from different runs?)."
@@ -491,7 +553,8 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
             "Merge it with PEFT (merge_and_unload) and load the merged checkpoint instead."
         )
     defaults = _DEFAULTS[peft_type]
-    mapped = {"LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"},
+    mapped = {"LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+                       "target_parameters"},
               "IA3": {"feedforward_modules"}, "HRA": {"r"}, "DELORA": {"r", "module_dropout", "rank_pattern"},
               "ROAD": {"variant", "group_size"}}[peft_type]
     for k, v in config.items():
@@ -539,6 +602,36 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, decode(path, data)
 
 
+def _unnest(scope: Scope, by_path: dict[str, dict[str, str]], targets: list[str], weights: Path) -> dict[str, dict[str, str]]:
+    """Tensors PEFT keeps under a parameter's owner (``<owner>[.base_layer]*``, see ``_nested``) by the parameter's
+    path: the owner's targeted parameters, in its order, from the innermost wrapper out."""
+    if not targets:
+        return by_path
+    if not (isinstance(targets, list) and all(isinstance(t, str) and t for t in targets)):
+        raise PeftFormatError(f"{CONFIG_NAME}: target_parameters must be a list of parameter names, got {clip(repr(targets))}.")
+    params = {**scope.parameters(), **{p: s.weight for p, s in scope.sites().items() if s.record.param}}
+    hit = [p for p in params if any(p == t or p.endswith("." + t) for t in targets)]
+    out = {}
+    for prefix, found in by_path.items():
+        owner = prefix
+        while owner.endswith(".base_layer"):
+            owner = owner.removesuffix(".base_layer")
+        mine = [p for p in hit if p.rpartition(".")[0] == owner]
+        if not mine:
+            out[prefix] = found
+            continue
+        order = list(scope.model.get_submodule(owner)._parameters)
+        mine.sort(key=lambda p: order.index(p.rpartition(".")[2]))
+        depth = (len(prefix) - len(owner)) // len(".base_layer")
+        if depth >= len(mine):
+            raise BaseMismatchError(
+                f"{weights}: {clip(prefix)} is nested {depth} wrappers deep, but this {scope.noun} has only {len(mine)} "
+                f"target_parameters on {clip(owner)}; the adapter was saved for another base."
+            )
+        out[mine[len(mine) - 1 - depth]] = found
+    return out
+
+
 def import_peft(model: nn.Module, directory: str | os.PathLike, *, name: str = DEFAULT) -> nn.Module:
     """Add the PEFT adapter saved in ``directory`` to ``model`` (a fresh base, or one whose sites have no
     adapter ``name``) as adapter ``name``; returns ``model``."""
@@ -573,6 +666,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, name: str = D
         by_path.setdefault(short[: -len(suffix) - 1], {})[suffix] = key
     if not by_path:
         raise AdapterFileError(f"{weights} holds no adapter tensors.")
+    by_path = _unnest(scope, by_path, config.get("target_parameters") or [], weights)
 
     check_targets(scope, dict.fromkeys(by_path), str(directory), dict.fromkeys(by_path, [name]))
     empty = [q for q in whole if not any(k.startswith(q + ".") for k in values)]
@@ -597,6 +691,18 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, name: str = D
             for suffix in ("lora_A.weight", "lora_B.weight"):
                 if suffix in found and tensors[found[suffix]].dim() > 2:
                     tensors[found[suffix]] = tensors[found[suffix]].flatten(1)
+        if base.experts:  # PEFT's (E * r, d_in) and (d_out, r * E): ours are (E, r, d_in) and (E, d_out, r)
+            E = base.experts
+            for suffix, shape in (("lora_A.weight", lambda t: t.reshape(E, -1, t.shape[-1])),
+                                  ("lora_B.weight", lambda t: t.reshape(t.shape[0], -1, E).permute(2, 0, 1))):
+                if suffix in found and tensors[found[suffix]].dim() == 2:
+                    t = tensors[found[suffix]]
+                    if t.shape[0 if suffix == "lora_A.weight" else 1] % E:
+                        raise BaseMismatchError(
+                            f"{weights}: {found[suffix]} has shape {tuple(t.shape)}, which does not split into the "
+                            f"{E} experts of {clip(path)}; the adapter was saved for another base."
+                        )
+                    tensors[found[suffix]] = shape(t)
         saved = {suffix: tensors[key] for suffix, key in found.items()}
         try:  # the variant checks each value's type and range; say which file it came from
             plan[path], names[path] = _IMPORT[peft_type](config, path, saved, dims(base.weight, base.layout))

@@ -11,6 +11,9 @@ module, the original weight where the variant replaced it) and get their behavio
   not change, the adapter's tensors sit beside them (``k_proj.lora_A``), and ``print(site.code)``
   shows the adapted forward as plain Python.
 - Graph scope: ``GraphSite`` (in ``surgery/scope/graph.py``) is a view of nodes in a whole-model graph.
+- A Parameter read functionally (MoE experts, nn.MultiheadAttention's ``in_proj_weight``) is a site in weight
+  space: ``ParamSite`` (``surgery/param.py``, module scope), whose record names the Parameter (``param``) and,
+  for a 3D stack of experts, their number (``experts``).
 """
 
 from __future__ import annotations
@@ -131,12 +134,12 @@ def op_spec(path: str, module: nn.Module) -> EmbeddingSpec | ConvSpec | None:
 
 
 def dims(weight: torch.Tensor, lay: str) -> tuple[int, int]:
-    """(d_in, d_out) of a weight stored in layout ``lay``."""
+    """(d_in, d_out) of a weight stored in layout ``lay`` (of each expert, for a stack of experts (E, d_out, d_in))."""
     shape = quant.logical_shape(weight)  # a bitsandbytes 4-bit weight is stored packed, (n, 1)
     if shape is not None:
         return shape[1], shape[0]
     if lay == "linear":
-        return weight.shape[1], weight.shape[0]
+        return weight.shape[-1], weight.shape[-2]
     if lay == "conv":
         return math.prod(weight.shape[1:]), weight.shape[0]
     return weight.shape[0], weight.shape[1]  # conv1d, embedding: stored (d_in, d_out)
@@ -237,6 +240,9 @@ class SiteRecord:
     # a bitsandbytes base ('nf4', 'fp4', 'int8'): the site calls it as its submodule ``base_layer`` (an opaque base)
     quant: str | None = None
     packing: bool | None = None  # that base's own support_avx512bf16_for_cpu, held off while it is a base
+    # a parameter site (surgery/param.py): the Parameter's name on ``original``, its owner; "" for a layer
+    param: str = ""
+    experts: int = 0  # a 3D parameter (E, d_out, d_in) is E linear maps, each with its own adapter tensors; else 0
 
     @property
     def running(self) -> Stack:
@@ -390,6 +396,17 @@ def own_tensors(module: nn.Module, skip: frozenset[str] = frozenset()) -> dict[s
     return out
 
 
+def fold_each(variant: Variant, W: torch.Tensor, b: torch.Tensor | None, tensors: dict[str, torch.Tensor],
+              info: SiteInfo, c: torch.Tensor, experts: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``variant.fold`` of one weight, or of each expert of a stack (W (E, d_out, d_in), every tensor (E, ...),
+    no bias) as one batched call; differentiable, so a parameter site's forward runs it too."""
+    def one(W, tensors):
+        return variant.fold(W, b, SimpleNamespace(site=info, surgery_scale=c, **tensors))
+    if not experts:
+        return one(W, tensors)
+    return torch.vmap(lambda W, ts: one(W, ts)[0])(W, tensors), None
+
+
 class AdapterView(SiteAPI):
     """One named adapter of a site, seen as a site of its own: what save, export and inspect write per adapter."""
 
@@ -438,12 +455,11 @@ class AdapterView(SiteAPI):
         W = dense.to(dt)
         b = None if bias is None else bias.detach().to(dt)
         c = torch.tensor(scale, dtype=dt, device=W.device)
-        t = SimpleNamespace(site=self.info, surgery_scale=c,
-                            **{n: v.detach().to(dt) for n, v in self.adapter_tensors().items()})
+        tensors = {n: v.detach().to(dt) for n, v in self.adapter_tensors().items()}
         with torch.no_grad():
             if scale == 0 and not self.replaced_base:
                 return W, b
-            W2, b2 = self.variant.fold(W, b, t)
+            W2, b2 = fold_each(self.variant, W, b, tensors, self.info, c, self.record.experts)
             if self.variant.steered or scale == 1:
                 return W2, b2
             base = self.original_weight.to(dt)  # the blend y + c (out - y) folds to W + c (W' - W)

@@ -243,7 +243,7 @@ def match(
                 continue
             if is_adaptable(mod):
                 hit.append(path)
-            elif not any(True for _ in mod.children()):
+            elif not isinstance(mod, nn.Module) or not any(True for _ in mod.children()):  # a leaf, or a Parameter
                 skip.append(path)
             else:
                 containers.append(path)
@@ -277,13 +277,20 @@ def _opted_in(pat: Pattern, hit: list[str], candidates, opt_in) -> list[str]:
     return [p for p in hit if p in keep]
 
 
+def _kind(obj) -> str:
+    if isinstance(obj, nn.Parameter):
+        return f"a Parameter of shape {tuple(obj.shape)}, {str(obj.dtype).removeprefix('torch.')}"
+    return type(obj).__name__
+
+
 def _raise_unsupported(pat: Pattern, skip: list[str], candidates, is_adaptable) -> None:
-    kinds = ", ".join(f"{p} ({type(candidates[p]).__name__})" for p in skip[:5])
+    kinds = ", ".join(f"{p} ({_kind(candidates[p])})" for p in skip[:5])
     adaptable = [p for p, m in candidates.items() if is_adaptable(m)]
     raise UnsupportedModuleError(
         f"`where` pattern {_show(pat.label)} matches only modules no variant can adapt: {kinds}"
         f"{' ...' if len(skip) > 5 else ''}. Variants adapt linear layers (nn.Linear, GPT-2 Conv1D; LoRA also "
-        f"nn.Embedding and nn.Conv1d/2d/3d). "
+        f"nn.Embedding and nn.Conv1d/2d/3d), and in weight space floating-point Parameters of 2 dimensions "
+        f"(d_out, d_in) or 3 (experts, d_out, d_in). "
         f"Adaptable paths look like: {', '.join(adaptable[:3]) or '(none in this model)'}."
     )
 

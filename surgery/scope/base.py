@@ -41,14 +41,16 @@ class Base:
     module: nn.Module  # the module at ``path`` (under export: a container of its parameters); a site's original
     site: SiteAPI | None = None  # the site already at ``path``, whose adapters a new build keeps
     spec: Any = None  # the base op's other call arguments (surgery.site.op_spec)
+    param: str = ""  # a parameter site's base: the Parameter's name on ``module``, its owner (surgery/param.py)
+    experts: int = 0  # E for a 3D parameter (E, d_out, d_in), else 0
 
     @property
     def weight(self) -> Any:  # the Parameter as stored (any dtype, possibly meta; packed integers when quantised)
-        return self.module.weight
+        return self.module._parameters[self.param] if self.param else self.module.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return getattr(self.module, "bias", None)
+        return None if self.param else getattr(self.module, "bias", None)
 
     @property
     def quant(self) -> str | None:
@@ -103,8 +105,9 @@ def record(base: Base, ctx: SiteInit, parts: list[Part], **nodes: str) -> SiteRe
         path=base.path, layout=base.layout, base_class=base.base_class, d_in=ctx.d_in, d_out=ctx.d_out,
         original=base.site.record.original if base.site is not None else base.module,
         adapters=adapters, active=tuple(p.name for p in parts if p.active),
-        replaced=ctx.new_weight is not None, gated=sum(p.active for p in parts) > 1, spec=base.spec,
-        quant=base.quant, packing=base.site.record.packing if base.site is not None else None, **nodes,
+        replaced=ctx.new_weight is not None, gated=sum(p.active for p in parts) > 1, spec=base.spec, param=base.param,
+        experts=base.experts, quant=base.quant,
+        packing=base.site.record.packing if base.site is not None else None, **nodes,
     )
 
 
@@ -145,8 +148,13 @@ class Scope:
         """path -> module for `where` matching, in model order (sites' own internals excluded)."""
         raise NotImplementedError
 
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """path -> Parameter of the candidates' own Parameters, for `where` (a parameter site adapts one in weight
+        space, surgery/param.py); those that are sites already are in ``candidates``."""
+        return {}
+
     def adaptable(self) -> set[str]:
-        """Paths that can become sites now."""
+        """Paths that can become sites now (modules and Parameters)."""
         raise NotImplementedError
 
     def sites(self) -> dict[str, SiteAPI]:

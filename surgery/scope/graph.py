@@ -31,7 +31,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import GraphScopeError
+from ..errors import ConfigError, GraphScopeError
+from ..param import adaptable_parameter, parameters
 from ..site import SiteAPI, SiteRecord, base_output, layout_of_class, op_spec, stored_weight
 from ..splice import (BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, base_caller, place, put, slot_prefix,
                       splice)
@@ -293,11 +294,15 @@ class GraphScope(Scope):
         inside = tuple(p + "." for p in self._records)
         return {p: m for p, m in _state(self.model)["modules"].items() if p and not p.startswith(inside)}
 
+    def parameters(self) -> dict[str, nn.Parameter]:
+        return parameters({"": _state(self.model)["modules"][""], **self.candidates()})
+
     def adaptable(self) -> set[str]:
         # adaptable classes the graph never runs are included, so that naming one is refused by base() with
-        # the reason, instead of "no variant can adapt a Linear"
+        # the reason, instead of "no variant can adapt a Linear"; so are Parameters, which base() refuses
         modules = _state(self.model)["modules"]
-        return set(self._regions()) | {p for p, m in modules.items() if p and layout_of_class(type(m))}
+        return (set(self._regions()) | {p for p, m in modules.items() if p and layout_of_class(type(m))}
+                | {p for p, w in self.parameters().items() if adaptable_parameter(w)})
 
     def sites(self) -> dict[str, GraphSite]:
         records = self._records
@@ -309,6 +314,12 @@ class GraphScope(Scope):
             rec = self._records[path]
             return Base(path, rec.layout, rec.base_class, self.model.get_submodule(path),
                         site=GraphSite(self.model, rec, self.model.get_submodule(path)), spec=rec.spec)
+        if path in self.parameters():
+            raise ConfigError(
+                f"{path} is a Parameter, and a graph-scope site is a region of the traced graph around one call of a "
+                f"layer, while a parameter site replaces the Parameter by its fold wherever it is read. Adapt it in "
+                f"module scope: surgery.rewrite on the eager model (not on the output of surgery.trace)."
+            )
         reg = self._regions().get(path)
         tied = _tied(_state(self.model)["modules"], path) if reg is None else []
         if tied:

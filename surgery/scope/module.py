@@ -1,5 +1,6 @@
 """Module scope: each matched leaf of an ``nn.Module`` is replaced by a ``Site`` (a traced leaf with the
-variant spliced in); the leaf itself is kept on the site's record and put back by ``remove``."""
+variant spliced in); the leaf itself is kept on the site's record and put back by ``remove``. A matched
+Parameter gets a ``ParamSite`` beside it on its owner (``surgery/param.py``), which ``remove`` takes out again."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch.func import functional_call
 
 from .. import quant
 from ..errors import UnsupportedModuleError
+from ..param import ParamSite, adaptable_parameter, attach, detach, owns_sites, parameters, set_param
 from ..site import COMPILED, Conv1D, Site, adaptable, layout, op_spec, stored_weight
 from ..splice import (BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, base_caller, place, slot_prefix, splice,
                       tracer)
@@ -147,6 +149,8 @@ class ModuleTxn(Txn):
         self.templates = Templates()
 
     def stage(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
+        if base.param:
+            return self._stage_param(base, parts, ctx)
         site = build_site(base, parts, ctx, self.templates)
         new = None if ctx.new_weight is None else stored_weight(ctx.new_weight, base.layout,
                                                                 base.weight.shape).to(base.weight.dtype)
@@ -166,6 +170,19 @@ class ModuleTxn(Txn):
         self.staged[base.path] = staged
         return staged
 
+    def _stage_param(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
+        site = ParamSite(record(base, ctx, parts))
+        place(site, parts, base.weight)
+        site.train(base.module.training)
+
+        def probe(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # in weight space: W' against W
+            with torch.no_grad():
+                return site(), base.weight
+
+        staged = Staged(site, probe)
+        self.staged[base.path] = staged
+        return staged
+
 
 class ModuleScope(Scope):
     def candidates(self) -> dict[str, nn.Module]:
@@ -175,25 +192,53 @@ class ModuleScope(Scope):
             if not path or any(path.startswith(p + ".") for p in inside):
                 continue
             out[path] = mod
-            if isinstance(mod, Site):
+            if isinstance(mod, (Site, ParamSite)):
                 inside.append(path)
         return out
 
-    def adaptable(self) -> set[str]:
-        return {p for p, m in self.candidates().items() if adaptable(m)}
+    def parameters(self) -> dict[str, nn.Parameter]:
+        return parameters({"": self.model, **self.candidates()})
 
-    def sites(self) -> dict[str, Site]:
-        return {p: m for p, m in self.model.named_modules() if isinstance(m, Site)}
+    def adaptable(self) -> set[str]:
+        layers = {p for p, m in self.candidates().items() if adaptable(m)}
+        return layers | {p for p, w in self.parameters().items() if adaptable_parameter(w)}
+
+    def sites(self) -> dict[str, Site | ParamSite]:
+        return {p: m for p, m in self.model.named_modules() if isinstance(m, (Site, ParamSite))}
+
+    def _param_base(self, path: str) -> Base | None:
+        """The base of a parameter path (a Parameter, or a parameter site), None for a module path."""
+        owner_path, _, name = path.rpartition(".")
+        owner = self.model.get_submodule(owner_path)
+        site = owner._modules.get(name)
+        if not isinstance(site, ParamSite) and name not in owner._parameters:
+            return None
+        w = owner._parameters[name]
+        return Base(path, "linear", f"{type(owner).__name__}.{name}", owner,
+                    site=site if isinstance(site, ParamSite) else None, param=name,
+                    experts=w.shape[0] if w.dim() == 3 else 0)
 
     def base(self, path: str) -> Base:
-        parent = self.model.get_submodule(path.rpartition(".")[0])
+        found = self._param_base(path)
+        if found is not None:
+            return found
+        parent_path = path.rpartition(".")[0]
+        parent = self.model.get_submodule(parent_path)
         if isinstance(parent, nn.MultiheadAttention):
             raise UnsupportedModuleError(
                 f"{path} is the output projection of an nn.MultiheadAttention, which reads its weight directly "
                 "(F.multi_head_attention_forward) instead of calling it, so an adapter there would be a silent "
-                f"no-op. Adapt the layers around the attention instead, or leave {path} out of `where`."
+                f"no-op. Adapt its weight in weight space instead (where='{path}.weight', and '{parent_path}.in_proj_weight' "
+                f"for the input projections), or leave {path} out of `where`."
             )
         leaf = self.model.get_submodule(path)
+        if owns_sites(leaf):
+            held = next(n for n, m in leaf._modules.items() if isinstance(m, ParamSite))
+            raise UnsupportedModuleError(
+                f"cannot adapt {path} as a layer: its Parameter {path}.{held} is a parameter site already, which its "
+                f"forward reads as the fold, and a layer site traces that forward. Add the adapter to the parameter "
+                f"instead (where='{path}.{held}', with another name=), or surgery.merge / surgery.restore first."
+            )
         if isinstance(leaf, Site):  # a site getting another adapter: built again around the original leaf
             return Base(path, leaf.layout, leaf.base_class, leaf.base, site=leaf, spec=leaf.record.spec)
         quant.refuse_foreign(path, leaf)
@@ -201,14 +246,18 @@ class ModuleScope(Scope):
         return Base(path, layout(leaf), type(leaf).__name__, leaf, spec=op_spec(path, leaf))
 
     def aliases(self, path: str) -> list[str]:
-        if getattr(self, "_paths_of", None) is None:  # every path of every module object, found once per call
+        if getattr(self, "_paths_of", None) is None:  # every path of every module or Parameter, found once per call
             self._paths_of: dict[int, list[str]] = {}
-            for p, m in self.model.named_modules(remove_duplicate=False):
+            for p, m in (*self.model.named_modules(remove_duplicate=False),
+                         *self.model.named_parameters(remove_duplicate=False)):
                 self._paths_of.setdefault(id(m), []).append(p)
-        return [p for p in self._paths_of[id(self.model.get_submodule(path))] if p != path]
+        base = self._param_base(path)
+        obj = base.weight if base is not None else self.model.get_submodule(path)
+        return [p for p in self._paths_of[id(obj)] if p != path]
 
     def class_name(self, path: str) -> str:
-        return type(self.model.get_submodule(path)).__name__
+        base = self._param_base(path)
+        return "Parameter" if base is not None else type(self.model.get_submodule(path)).__name__
 
     def begin(self, rebuild: list[str] = ()) -> Txn:
         return ModuleTxn()
@@ -217,6 +266,13 @@ class ModuleScope(Scope):
         done: list[str] = []
         try:
             for path, st in txn.staged.items():
+                if isinstance(st.site, ParamSite):
+                    txn.previous[path] = self.sites().get(path)
+                    if txn.previous[path] is not None:
+                        detach(txn.previous[path])
+                    attach(st.site)
+                    done.append(path)
+                    continue
                 txn.previous[path] = self.model.get_submodule(path)
                 self.put(path, st.site)
                 done.append(path)
@@ -234,7 +290,10 @@ class ModuleScope(Scope):
     def uncommit(self, txn: Txn, paths: list[str] | None = None) -> None:
         for path in list(txn.staged) if paths is None else paths:
             prev = txn.previous[path]
-            if isinstance(prev, Site):  # a site built again: the one it replaced goes back
+            if isinstance(prev, ParamSite):
+                detach(txn.staged[path].site)
+                attach(prev)
+            elif isinstance(prev, Site):  # a site built again: the one it replaced goes back
                 self.put(path, prev)
             else:
                 self.remove([path])
@@ -244,6 +303,11 @@ class ModuleScope(Scope):
         errors = {}
         for path in paths:
             site = sites[path]
+            if isinstance(site, ParamSite):
+                detach(site)
+                if folded is not None:
+                    set_param(site.record.original, site.record.param, folded(path)[0], new=path in untie)
+                continue
             leaf = site.base
             if site.record.quant:
                 quant.release_packing(leaf, site.record.packing)
@@ -270,9 +334,13 @@ class ModuleScope(Scope):
         return errors
 
     def gate(self, paths: list[str]) -> None:
+        sites = self.sites()
         for path in paths:
-            site = self.model.get_submodule(path)
+            site = sites[path]
             rec = site.record
+            if isinstance(site, ParamSite):  # its forward blends when told to
+                rec.gated = True
+                continue
             rec.out = add_gate(site.graph, x=rec.x, y=rec.y, out=rec.out, layout=rec.layout,
                                has_bias=site.base_bias is not None, replaced=rec.replaced, prefix="",
                                opaque=quant.BASE if rec.quant else None,
@@ -289,6 +357,10 @@ class ModuleScope(Scope):
         swapped = []
         try:
             for path, site in sites.items():
+                if isinstance(site, ParamSite):
+                    detach(site)
+                    swapped.append((path, site, []))
+                    continue
                 leaf = site.base
                 _give_back(leaf, site)  # the live Parameters, as in remove()
                 if site.replaced_base:
@@ -303,6 +375,9 @@ class ModuleScope(Scope):
             yield
         finally:
             for path, site, mirrored in swapped:
+                if isinstance(site, ParamSite):
+                    attach(site)
+                    continue
                 for n in mirrored:
                     del site.base._buffers[n]
                     site.base._non_persistent_buffers_set.discard(n)
