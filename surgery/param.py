@@ -1,6 +1,10 @@
 """Parameter sites: a Parameter that its module uses functionally (MoE experts stored as (E, d_out, d_in) and
 read as ``F.linear(x, W[e])``, nn.MultiheadAttention's ``in_proj_weight``) adapted in weight space.
 
+Experts whose module says ``is_transposed`` (transformers' ``use_experts_implementation(is_transposed=True)``:
+GptOss, Aria) are stored (E, d_in, d_out) and read as ``x @ W[e]``: their site has GPT-2 Conv1D's layout
+'conv1d', so every variant folds each expert's map W[e]^T in nn.Linear layout and W' is stored back transposed.
+
 Every read of the Parameter gets ``W' = variant.fold(W)`` built from the adapter tensors, so gradients
 reach them; a 3D parameter is E linear maps, each with its own adapter tensors (stacked along a first
 dimension of size E) and its own fold. The site (``ParamSite``) is registered on the Parameter's owner
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .site import Site, SiteAPI, fold_each, own_tensors
+from .site import Site, SiteAPI, fold_each, linear_weight, own_tensors, stored_weight
 from .splice import blend, compute_dtype
 from .variant import Variant
 
@@ -32,6 +36,13 @@ _ADAPTED: dict[type, type] = {}  # owner class -> its subclass with a property p
 def adaptable_parameter(p: nn.Parameter) -> bool:
     """A float matrix, or a stack of them (experts, d_out, d_in)."""
     return p.dim() in (2, 3) and p.is_floating_point()
+
+
+def layout_of_parameter(owner: nn.Module, p: torch.Tensor) -> str:
+    """'conv1d' for a stack of experts its owner marks ``is_transposed`` (stored (E, d_in, d_out)), else 'linear'.
+    As in PEFT 0.21 and transformers, the mark speaks of the 3D expert weights only: a 2D Parameter beside them
+    (GptOss's per-expert biases, (E, d)) keeps the plain reading."""
+    return "conv1d" if p.dim() == 3 and getattr(owner, "is_transposed", False) else "linear"
 
 
 def parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -74,12 +85,12 @@ class ParamSite(nn.Module, SiteAPI):
             v, slot = rec.adapters[name].variant, self._slot(name)
             tensors = own_tensors(slot)
             c = slot.surgery_scale
-            Wd = W.to(compute_dtype(next(iter(tensors.values())), W))
+            Wd = linear_weight(W.to(compute_dtype(next(iter(tensors.values())), W)), rec.layout)
             Wi = fold_each(v, Wd, None, tensors, self.info, c, rec.experts)[0]
             if (rec.gated or len(rec.active) > 1) and not v.steered:
                 Wi = blend(Wd, Wi, c)  # the runtime strength c, in weight space: W + c (W' - W)
             out = Wi if out is None else out + (Wi - Wd)
-        return W if out is None else out.to(W.dtype)
+        return W if out is None else stored_weight(out, rec.layout).to(W.dtype)
 
     def describe(self) -> str:
         experts = f" x {self.record.experts} experts" if self.record.experts else ""

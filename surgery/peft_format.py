@@ -403,7 +403,8 @@ def _peft_files(model: nn.Module, scope: Scope, sites: dict[str, SiteAPI]) -> tu
         ff = [p for p, part in parts.items() if part.feedforward]
         config["feedforward_modules"] = _selector(ff, list(parts), sep="") if ff else []
     if "fan_in_fan_out" in config:  # PEFT forces it per layer anyway; say it when it is true everywhere
-        config["fan_in_fan_out"] = all(s.layout == "conv1d" for s in sites.values())
+        # not for transposed experts (layout 'conv1d' too): PEFT's ParamWrapper refuses fan_in_fan_out
+        config["fan_in_fan_out"] = not params and all(s.layout == "conv1d" for s in sites.values())
     config["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
     if config["task_type"] is None:
         cls = scope.model_class()

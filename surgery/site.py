@@ -134,7 +134,8 @@ def op_spec(path: str, module: nn.Module) -> EmbeddingSpec | ConvSpec | None:
 
 
 def dims(weight: torch.Tensor, lay: str) -> tuple[int, int]:
-    """(d_in, d_out) of a weight stored in layout ``lay`` (of each expert, for a stack of experts (E, d_out, d_in))."""
+    """(d_in, d_out) of a weight stored in layout ``lay`` (of each expert, for a stack of experts: (E, d_out, d_in),
+    or (E, d_in, d_out) in layout 'conv1d')."""
     shape = quant.logical_shape(weight)  # a bitsandbytes 4-bit weight is stored packed, (n, 1)
     if shape is not None:
         return shape[1], shape[0]
@@ -142,7 +143,7 @@ def dims(weight: torch.Tensor, lay: str) -> tuple[int, int]:
         return weight.shape[-1], weight.shape[-2]
     if lay == "conv":
         return math.prod(weight.shape[1:]), weight.shape[0]
-    return weight.shape[0], weight.shape[1]  # conv1d, embedding: stored (d_in, d_out)
+    return weight.shape[-2], weight.shape[-1]  # conv1d, embedding: stored (d_in, d_out)
 
 
 def is_sharded(t: torch.Tensor | None) -> bool:
@@ -160,12 +161,13 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear_weight(w: torch.Tensor, lay: str) -> torch.Tensor:
-    """The weight in nn.Linear layout (d_out, d_in), whatever the storage layout (a view, no copy)."""
+    """The weight in nn.Linear layout (d_out, d_in), whatever the storage layout (a view, no copy); a stack of
+    experts stays a stack, each expert transposed."""
     if lay == "linear":
         return w
     if lay == "conv":  # (out, in, *kernel) -> (out, in * prod(kernel)): the map on unfolded patches
         return w.flatten(1)
-    return w.t()
+    return w.mT
 
 
 def stored_weight(w: torch.Tensor, lay: str, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
@@ -177,7 +179,7 @@ def stored_weight(w: torch.Tensor, lay: str, shape: torch.Size | tuple[int, ...]
         if shape is None:
             raise TypeError("stored_weight of a conv weight needs the stored shape")
         return w.reshape(shape)
-    return w.t()
+    return w.mT
 
 
 def base_output(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lay: str, spec=None) -> torch.Tensor:
@@ -242,7 +244,9 @@ class SiteRecord:
     packing: bool | None = None  # that base's own support_avx512bf16_for_cpu, held off while it is a base
     # a parameter site (surgery/param.py): the Parameter's name on ``original``, its owner; "" for a layer
     param: str = ""
-    experts: int = 0  # a 3D parameter (E, d_out, d_in) is E linear maps, each with its own adapter tensors; else 0
+    # a 3D parameter (E, d_out, d_in), or (E, d_in, d_out) in layout 'conv1d', is E linear maps, each with its own
+    # adapter tensors: E; else 0
+    experts: int = 0
 
     @property
     def running(self) -> Stack:

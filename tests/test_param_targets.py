@@ -1,7 +1,8 @@
 """Parameters as targets: `where` naming a Parameter makes a weight-space site (surgery/param.py).
 
 On a tiny real Qwen3MoeForCausalLM (experts stored as (E, 2 * inter, hidden) and (E, hidden, inter), read
-as F.linear(x, W[e])) and on a toy model whose own 2D Parameter is read functionally: identity at init,
+as F.linear(x, W[e])), a tiny real GptOssForCausalLM (experts marked is_transposed: stored (E, hidden, 2 * inter)
+and (E, inter, hidden), read as x @ W[e]) and on a toy model whose own 2D Parameter is read functionally: identity at init,
 every adapter tensor trains, merge writes the fold, restore gives the original bits back, save/load and
 PEFT's target_parameters format round trip; LoRA at parity with PEFT 0.21's ParamWrapper (outputs and one
 SGD step); the variants a fold cannot express, and bad parameters, are refused with the model unchanged.
@@ -19,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import GptOssConfig, GptOssForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import surgery
 from adapters import DoRA, EVA, HRA, IA3, LoRA, PiSSA, ROAD, AntiPaSTO, DeLoRA
@@ -40,6 +41,17 @@ def moe(seed: int = 0) -> nn.Module:
     return Qwen3MoeForCausalLM(cfg).eval()
 
 
+def gptoss(seed: int = 0) -> nn.Module:
+    """Experts transposed: gate_up_proj (4, 16, 24) and down_proj (4, 12, 16), none square, so that a fold on the
+    wrong axes cannot pass for the right one."""
+    cfg = GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                       layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(seed)
+    return GptOssForCausalLM(cfg).eval()
+
+
+MOES = {"qwen3": moe, "gptoss": gptoss}
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
@@ -120,10 +132,36 @@ def test_sites_and_summary_list_parameter_sites():
     assert set(moe().state_dict()) <= set(keys)
 
 
+def test_transposed_experts_are_adapted_as_the_maps_they_are():
+    """GptOss reads x @ W[e] with W (E, d_in, d_out): each site has the map's d_in and d_out, and each variant
+    acts on the map's own input and output sides (IA3 scales down_proj's inputs, gate_up_proj's outputs; DoRA's
+    magnitude is the norm of each output's weights), with W' written back in the stored layout."""
+    m = gptoss()
+    experts = m.model.layers[0].mlp.experts
+    W = {n: getattr(experts, n).detach().clone() for n in ("gate_up_proj", "down_proj")}
+    surgery.rewrite(m, LoRA(r=2, alpha=2), EXPERTS)
+    surgery.rewrite(m, DoRA(r=2), EXPERTS, name="dora")
+    surgery.rewrite(m, IA3(), EXPERTS, name="ia3")
+    sites = surgery.sites(m)
+    up, down = sites["model.layers.0.mlp.experts.gate_up_proj"], sites["model.layers.0.mlp.experts.down_proj"]
+    assert (up.d_in, up.d_out, down.d_in, down.d_out) == (16, 24, 12, 16)
+    assert {n: tuple(t.shape) for n, t in up.adapter_tensors().items()} == {
+        "lora_A": (4, 2, 16), "lora_B": (4, 24, 2), "adapters.dora.lora_A": (4, 2, 16), "adapters.dora.lora_B": (4, 24, 2),
+        "adapters.dora.lora_magnitude_vector": (4, 24), "adapters.ia3.ia3_l": (4, 24, 1)}
+    assert torch.allclose(up.adapter_tensors()["adapters.dora.lora_magnitude_vector"], W["gate_up_proj"].norm(dim=1))
+    randomise(m)
+    for name in W:
+        t = {n: v.detach() for n, v in sites[f"model.layers.0.mlp.experts.{name}"].adapter_tensors().items()}
+        surgery.activate(m, "ia3")  # ia3_l (E, d_out, 1) or (E, 1, d_in), transposed onto W (E, d_in, d_out)
+        assert torch.allclose(getattr(experts, name), W[name] * t["adapters.ia3.ia3_l"].mT)
+        surgery.activate(m, "default")
+        assert torch.allclose(getattr(experts, name), W[name] + (t["lora_B"] @ t["lora_A"]).mT)
+
+
 # ----- every variant whose fold says all: identity, training, merge, restore, save/load -----
 
 VARIANTS = [LoRA(r=2, alpha=4), DoRA(r=2), IA3(), HRA(r=2), DeLoRA(r=2), ROAD(group_size=2), AntiPaSTO(r=2)]
-MODELS = {"moe": (moe, EXPERTS, logits), "toy": (toy, ["mix", "experts.w"], lambda m: m(X))}
+MODELS = {"qwen3": (moe, EXPERTS, logits), "gptoss": (gptoss, EXPERTS, logits), "toy": (toy, ["mix", "experts.w"], lambda m: m(X))}
 
 
 def _train(model: nn.Module, out, steps: int = 2) -> None:
@@ -173,21 +211,23 @@ def test_identity_train_merge_restore(variant, kind):
     assert torch.equal(out(kept), ref)
 
 
+@pytest.mark.parametrize("kind", list(MOES))
 @pytest.mark.parametrize("variant", [LoRA(r=2, alpha=4), DoRA(r=2), IA3()], ids=lambda v: v.name)
-def test_save_load_round_trip(variant, tmp_path):
-    m = moe()
+def test_save_load_round_trip(variant, kind, tmp_path):
+    m = MOES[kind]()
     surgery.rewrite(m, variant, EXPERTS)
     randomise(m)
     want = logits(m)
     surgery.save(m, tmp_path / "a.safetensors")
-    fresh = moe()
+    fresh = MOES[kind]()
     surgery.load(fresh, tmp_path / "a.safetensors")
     assert list(surgery.sites(fresh)) == list(surgery.sites(m))
     assert torch.equal(logits(fresh), want)
 
 
-def test_runtime_strength_and_disabled():
-    base = moe()
+@pytest.mark.parametrize("kind", list(MOES))
+def test_runtime_strength_and_disabled(kind):
+    base = MOES[kind]()
     ref = logits(base)
     m = copy.deepcopy(base)
     surgery.rewrite(m, LoRA(r=2), EXPERTS)
@@ -292,8 +332,9 @@ def _as_peft(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return A.reshape(-1, A.shape[-1]), B.permute(1, 2, 0).reshape(B.shape[1], -1)
 
 
-def test_lora_parity_with_peft_outputs_and_one_sgd_step():
-    base = moe()
+@pytest.mark.parametrize("kind", list(MOES))
+def test_lora_parity_with_peft_outputs_and_one_sgd_step(kind):
+    base = MOES[kind]()
     ours = copy.deepcopy(base)
     surgery.rewrite(ours, LoRA(r=2, alpha=4), EXPERTS)
     randomise(ours)
@@ -320,10 +361,15 @@ def test_lora_parity_with_peft_outputs_and_one_sgd_step():
         a, b = _as_peft(sites[p].adapter_tensors()["lora_A"], sites[p].adapter_tensors()["lora_B"])
         assert rel_err(a, A) <= 1e-5 and rel_err(b, B) <= 1e-5
     assert rel_err(logits(ours), pm(IDS).logits) <= 1e-5
+    merged = pm.merge_and_unload()  # the folded weights themselves, in the Parameters' own layout
+    surgery.merge(ours)
+    for p in theirs:
+        assert rel_err(ours.get_parameter(p), merged.get_parameter(p)) <= 1e-6
 
 
-def test_export_peft_loads_in_peft_and_import_reads_peft(tmp_path):
-    base = moe()
+@pytest.mark.parametrize("kind", list(MOES))
+def test_export_peft_loads_in_peft_and_import_reads_peft(kind, tmp_path):
+    base = MOES[kind]()
     ours = copy.deepcopy(base)
     surgery.rewrite(ours, LoRA(r=2, alpha=4), EXPERTS)
     randomise(ours)

@@ -42,7 +42,7 @@ class Base:
     site: SiteAPI | None = None  # the site already at ``path``, whose adapters a new build keeps
     spec: Any = None  # the base op's other call arguments (surgery.site.op_spec)
     param: str = ""  # a parameter site's base: the Parameter's name on ``module``, its owner (surgery/param.py)
-    experts: int = 0  # E for a 3D parameter (E, d_out, d_in), else 0
+    experts: int = 0  # E for a 3D parameter (E, d_out, d_in), or (E, d_in, d_out) in layout 'conv1d'; else 0
 
     @property
     def weight(self) -> Any:  # the Parameter as stored (any dtype, possibly meta; packed integers when quantised)

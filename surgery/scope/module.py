@@ -16,7 +16,8 @@ from torch.func import functional_call
 
 from .. import quant
 from ..errors import UnsupportedModuleError
-from ..param import ParamSite, adaptable_parameter, attach, detach, owns_sites, parameters, set_param
+from ..param import (ParamSite, adaptable_parameter, attach, detach, layout_of_parameter, owns_sites, parameters,
+                     set_param)
 from ..site import COMPILED, Conv1D, Site, adaptable, layout, op_spec, stored_weight
 from ..splice import (BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, base_caller, place, slot_prefix, splice,
                       tracer)
@@ -214,7 +215,7 @@ class ModuleScope(Scope):
         if not isinstance(site, ParamSite) and name not in owner._parameters:
             return None
         w = owner._parameters[name]
-        return Base(path, "linear", f"{type(owner).__name__}.{name}", owner,
+        return Base(path, layout_of_parameter(owner, w), f"{type(owner).__name__}.{name}", owner,
                     site=site if isinstance(site, ParamSite) else None, param=name,
                     experts=w.shape[0] if w.dim() == 3 else 0)
 
@@ -306,7 +307,8 @@ class ModuleScope(Scope):
             if isinstance(site, ParamSite):
                 detach(site)
                 if folded is not None:
-                    set_param(site.record.original, site.record.param, folded(path)[0], new=path in untie)
+                    set_param(site.record.original, site.record.param, stored_weight(folded(path)[0], site.layout),
+                              new=path in untie)
                 continue
             leaf = site.base
             if site.record.quant:
