@@ -42,9 +42,9 @@ def moe(seed: int = 0) -> nn.Module:
 
 
 def gptoss(seed: int = 0) -> nn.Module:
-    """Experts transposed: gate_up_proj (4, 16, 24) and down_proj (4, 12, 16), none square, so that a fold on the
-    wrong axes cannot pass for the right one."""
-    cfg = GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+    """Experts transposed: gate_up_proj (4, 16, 48) and down_proj (4, 24, 16), none square, so that a fold on the
+    wrong axes cannot pass for the right one (and rows of 16-byte multiples in bf16, as torch._grouped_mm needs)."""
+    cfg = GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                        layer_types=["sliding_attention", "full_attention"])
     torch.manual_seed(seed)
@@ -144,10 +144,10 @@ def test_transposed_experts_are_adapted_as_the_maps_they_are():
     surgery.rewrite(m, IA3(), EXPERTS, name="ia3")
     sites = surgery.sites(m)
     up, down = sites["model.layers.0.mlp.experts.gate_up_proj"], sites["model.layers.0.mlp.experts.down_proj"]
-    assert (up.d_in, up.d_out, down.d_in, down.d_out) == (16, 24, 12, 16)
+    assert (up.d_in, up.d_out, down.d_in, down.d_out) == (16, 48, 24, 16)
     assert {n: tuple(t.shape) for n, t in up.adapter_tensors().items()} == {
-        "lora_A": (4, 2, 16), "lora_B": (4, 24, 2), "adapters.dora.lora_A": (4, 2, 16), "adapters.dora.lora_B": (4, 24, 2),
-        "adapters.dora.lora_magnitude_vector": (4, 24), "adapters.ia3.ia3_l": (4, 24, 1)}
+        "lora_A": (4, 2, 16), "lora_B": (4, 48, 2), "adapters.dora.lora_A": (4, 2, 16), "adapters.dora.lora_B": (4, 48, 2),
+        "adapters.dora.lora_magnitude_vector": (4, 48), "adapters.ia3.ia3_l": (4, 48, 1)}
     assert torch.allclose(up.adapter_tensors()["adapters.dora.lora_magnitude_vector"], W["gate_up_proj"].norm(dim=1))
     randomise(m)
     for name in W:
@@ -156,6 +156,10 @@ def test_transposed_experts_are_adapted_as_the_maps_they_are():
         assert torch.allclose(getattr(experts, name), W[name] * t["adapters.ia3.ia3_l"].mT)
         surgery.activate(m, "default")
         assert torch.allclose(getattr(experts, name), W[name] + (t["lora_B"] @ t["lora_A"]).mT)
+    grouped = logits(m)  # transformers' default, torch._grouped_mm on W', and its loop over x @ W'[e] agree
+    m.set_experts_implementation("eager")
+    assert m.model.layers[0].mlp.experts.config._experts_implementation == "eager"
+    assert rel_err(logits(m), grouped) <= 1e-6 and rel_err(grouped, logits(gptoss())) > 1e-3
 
 
 # ----- every variant whose fold says all: identity, training, merge, restore, save/load -----
@@ -275,9 +279,10 @@ def test_a_pickled_model_keeps_its_parameter_sites(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(root.parent), str(root)], check=True)
 
 
+@pytest.mark.parametrize("kind", list(MOES))
 @pytest.mark.parametrize("variant", [LoRA(r=2), DoRA(r=2)], ids=lambda v: v.name)
-def test_half_precision_base(variant):
-    base = moe().to(torch.bfloat16)
+def test_half_precision_base(variant, kind):
+    base = MOES[kind]().to(torch.bfloat16)
     ref = logits(base)
     m = copy.deepcopy(base)
     surgery.rewrite(m, variant, EXPERTS)
