@@ -488,6 +488,16 @@ def load(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True, 
         targets[p] = want if None not in want else None
         bases.setdefault(p, (info, by_prefix[k]))
     check_targets(scope, targets, str(path), {p: list(named) for p, named in plan.items()})
+    for p, (info, _) in bases.items():
+        saved, now = info.get("base", {}).get("layout"), scope.base(p).layout
+        if saved is not None and saved != now:  # same shape, other axes: the tensors would act on the wrong sides
+            raise BaseMismatchError(
+                f"{path} was saved on {clip(p)} stored in layout {saved!r}, but in this {scope.noun} it is stored in "
+                f"layout {now!r} (experts whose module says is_transposed are stored (E, d_in, d_out): 'conv1d'), so "
+                "its adapter tensors would act on the other sides of the map. Load it onto the base it was saved on "
+                "(a file saved on transposed experts by a model-surgery that did not read is_transposed holds an "
+                "adapter of the transposed map: merge it with that version, or train it again)."
+            )
     shapes: dict[str, list[tuple]] = {}
     for k, v in header.items():
         if k != "__metadata__" and isinstance(v.get("shape"), list):

@@ -229,6 +229,31 @@ def test_save_load_round_trip(variant, kind, tmp_path):
     assert torch.equal(logits(fresh), want)
 
 
+def test_a_file_saved_in_the_other_layout_is_refused(tmp_path):
+    """A file saved on experts read untransposed (as model-surgery read GptOss before it honoured is_transposed)
+    holds an adapter of the other map; with square experts the shapes would not tell."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    m = gptoss()
+    surgery.rewrite(m, LoRA(r=2), "model.layers.0.mlp.experts.gate_up_proj")
+    surgery.save(m, tmp_path / "a.safetensors")
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        meta = f.metadata()
+    sites = json.loads(meta["sites"])
+    assert [s["base"]["layout"] for s in sites.values()] == ["conv1d"]
+    for s in sites.values():
+        s["base"]["layout"] = "linear"
+    save_file(load_file(tmp_path / "a.safetensors"), tmp_path / "b.safetensors", metadata={**meta, "sites": json.dumps(sites)})
+    fresh = gptoss()
+    snap = snapshot(fresh)
+    with pytest.raises(E.BaseMismatchError, match=r"layout 'linear'.*layout 'conv1d'.*is_transposed"):
+        surgery.load(fresh, tmp_path / "b.safetensors")
+    assert_unchanged(fresh, snap)
+    surgery.load(fresh, tmp_path / "a.safetensors")
+    assert torch.equal(logits(fresh), logits(m))
+
+
 @pytest.mark.parametrize("kind", list(MOES))
 def test_runtime_strength_and_disabled(kind):
     base = MOES[kind]()
