@@ -120,6 +120,16 @@ def test_sites_and_summary_list_parameter_sites():
     assert set(moe().state_dict()) <= set(keys)
 
 
+def test_diff_names_parameter_sites():
+    before, m = moe(), moe()
+    surgery.rewrite(m, LoRA(r=2), EXPERTS)
+    d = surgery.diff(before, m)
+    assert d.sites == [f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1) for n in ("gate_up_proj", "down_proj")]
+    assert set(d.classes.values()) == {("Parameter", "ParamSite")}
+    assert {g.variant for g in d.groups.values()} == {"LoRA(r=2)"}
+    assert "Parameter -> ParamSite" in str(d)
+
+
 # ----- every variant whose fold says all: identity, training, merge, restore, save/load -----
 
 VARIANTS = [LoRA(r=2, alpha=4), DoRA(r=2), IA3(), HRA(r=2), DeLoRA(r=2), ROAD(group_size=2), AntiPaSTO(r=2)]

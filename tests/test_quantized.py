@@ -302,3 +302,18 @@ def test_an_adapter_moves_between_a_quantised_base_and_its_float_model(saved, tm
             with pytest.warns(UserWarning, match="weights differ by the quantisation"):
                 surgery.load(float_model, tmp_path / "q.safetensors")
             assert surgery.sites(float_model)
+
+
+def test_diff_of_a_qlora_model(saved):
+    """The 4-bit leaf is one call on both sides (never traced), and its weights keep their keys in the table."""
+    import copy
+
+    model = load(saved, "nf4")
+    before = copy.deepcopy(model)
+    surgery.rewrite(model, LoRA(r=4), where="*.q_proj")
+    d = surgery.diff(before, model)
+    assert d.sites == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    text = str(d)
+    assert "Linear4bit -> Site" in text and "base_layer" in text
+    changed = {c.path for c in d.weights}
+    assert changed == {f"model.layers.{i}.self_attn.q_proj.lora_{x}" for i in (0, 1) for x in "AB"}
