@@ -24,6 +24,8 @@ from torch import nn
 
 from .errors import DiffInputError
 from .scope import ModuleScope
+from . import quant
+from .param import ParamSite
 from .site import Site, adaptable
 from .weights import WeightChange, of_model, table
 from .weights import changes as weight_changes
@@ -324,19 +326,27 @@ def _code(gm: fx.GraphModule) -> str:
 
 
 def _graph_of(module: nn.Module) -> tuple[fx.Graph | None, str]:
-    """The graph and code to compare for one side of a site: a Site's own, or the traced leaf's."""
+    """The graph and code to compare for one side of a site: a Site's own, or the traced leaf's (a quantised
+    leaf is never traced: it is one call, as inside its site)."""
     if isinstance(module, fx.GraphModule):
         return module.graph, _code(module)
+    if quant.kind(module):
+        root = nn.Module()
+        root.add_module(quant.BASE, module)
+        graph = fx.Graph()
+        graph.output(graph.call_module(quant.BASE, (graph.placeholder("x"),)))
+        gm = fx.GraphModule(root, graph, class_name=type(module).__name__)
+        return gm.graph, _code(gm)
     if adaptable(module):
         gm = fx.GraphModule(module, fx.Tracer().trace(module), class_name=type(module).__name__)
         return gm.graph, _code(gm)
     return None, ""
 
 
-def _class(module: nn.Module | None) -> str | None:
+def _class(module: nn.Module | None, other: nn.Module | None) -> str | None:
     # a Site is a GraphModule subclass that fx names after the leaf it traced; call it what it is
-    if module is None:
-        return None
+    if module is None:  # a Parameter on one side is a parameter site on the other
+        return "Parameter" if isinstance(other, ParamSite) else None
     return "Site" if isinstance(module, Site) else type(module).__name__
 
 
@@ -345,11 +355,12 @@ def _module_diff(before: nn.Module, after: nn.Module) -> Diff:
     groups: dict[str, Group] = {}
     for path in [*ma, *(p for p in mb if p not in ma)]:
         b, a = mb.get(path), ma.get(path)
-        cb, ca = _class(b), _class(a)
-        if not (isinstance(b, Site) or isinstance(a, Site) or cb != ca):
+        cb, ca = _class(b, a), _class(a, b)
+        sited = (Site, ParamSite)
+        if not (isinstance(b, sited) or isinstance(a, sited) or cb != ca):
             continue
         g = Group(path=path, before_class=cb, after_class=ca,
-                  variant=a.variant.short() if isinstance(a, Site) else (b.variant.short() if isinstance(b, Site) else None))
+                  variant=a.variant.short() if isinstance(a, sited) else (b.variant.short() if isinstance(b, sited) else None))
         if b is not None and a is not None:
             g.before_graph, g.before_code = _graph_of(b)
             g.after_graph, g.after_code = _graph_of(a)

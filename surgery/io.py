@@ -219,6 +219,9 @@ def _same_sample(saved: list[float], now: list[float], saved_dtype: str, now_dty
     return torch.equal(a, b)
 
 
+_QUANTISED = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")  # bitsandbytes layers a site wraps
+
+
 def check_base_sample(scope: Scope, entries: dict[str, dict[str, Any]], plan: dict[str, Variant], path) -> None:
     """Each adapted weight must be the one the file was saved on: an error for variants whose tensors were
     computed from it (``Variant.base_bound``), a warning for the rest. ``entries`` and ``plan`` by module path."""
@@ -229,8 +232,14 @@ def check_base_sample(scope: Scope, entries: dict[str, dict[str, Any]], plan: di
         stored = torch.float32 if base.quant else base.weight.dtype  # a quantised weight is sampled dequantised
         if saved is None or now is None or _same_sample(saved, now, info["base"].get("dtype", ""), stored):
             continue
-        what = (f"{path} was saved on another base: the weight of {p} differs from the one {plan[p].short()} was "
-                "made on (another checkpoint, or this adapter already merged into it?)")
+        saved_class = info["base"].get("class", "")
+        if saved_class != base.base_class and (base.quant or saved_class in _QUANTISED):
+            what = (f"{path} was saved on a {saved_class} at {p} and this base has a {base.base_class} there: the "
+                    "weights differ by the quantisation (moving an adapter between a quantised base and its float "
+                    "model)")
+        else:
+            what = (f"{path} was saved on another base: the weight of {p} differs from the one {plan[p].short()} "
+                    "was made on (another checkpoint, or this adapter already merged into it?)")
         if plan[p].base_bound:
             raise BaseMismatchError(
                 f"{what}. {plan[p].name}'s tensors were computed from that weight, so the result would be wrong. "

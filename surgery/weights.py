@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import quant
 from .errors import DiffInputError
 
 SKETCH = 512  # larger changes get their rank from a random sketch of this width ("> 512" when it is full)
@@ -104,8 +105,16 @@ def _rank(d: torch.Tensor, after: torch.Tensor) -> tuple[int, bool]:
 
 
 def of_model(model: torch.nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
-    """A model's parameters and persistent buffers (its state dict), as getters."""
-    return {k: (lambda v=v: v) for k, v in model.state_dict().items()}
+    """A model's parameters and persistent buffers (its state dict), as getters; an opaque base inside a site
+    (``<path>.base_layer.weight``) under the keys it had before it became one (``<path>.weight``)."""
+    moved = tuple(f"{p}.{quant.BASE}." for p, m in model.named_modules()
+                  if getattr(getattr(m, "record", None), "quant", None))
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith(moved):
+            k = k.replace(f".{quant.BASE}.", ".", 1)
+        out[k] = lambda v=v: v
+    return out
 
 
 def of_checkpoint(directory: str | os.PathLike) -> dict[str, Callable[[], torch.Tensor]]:

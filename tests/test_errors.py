@@ -129,6 +129,17 @@ class Attending(Toy):
         return super().forward(self.attn(x, x, x, need_weights=False)[0])
 
 
+class Encoding(Toy):
+    """An nn.TransformerEncoderLayer: its self-attention's out_proj is never called either."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return super().forward(self.layer(x))
+
+
 def other_toy(cls, scope):
     torch.manual_seed(0)
     return scoped(scope, cls().eval())
@@ -432,6 +443,7 @@ CASES = [
     Bad("linear-never-called", lambda t, s: other_toy(Unused, s), rw(LoRA(), "spare"), E.GraphScopeError, ("spare", "never runs", "silent no-op"), GRAPH_ONLY),
     # graph scope refuses it as a linear that never runs (the row above); module scope by its parent's class
     Bad("mha-out-proj", lambda t, s: other_toy(Attending, s), rw(LoRA(), "attn.out_proj"), E.UnsupportedModuleError, ("attn.out_proj", "nn.MultiheadAttention", "silent no-op"), MODULE_ONLY),
+    Bad("encoder-out-proj", lambda t, s: other_toy(Encoding, s), rw(LoRA(), "layer.self_attn.out_proj"), E.UnsupportedModuleError, ("layer.self_attn.out_proj", "silent no-op"), MODULE_ONLY),
     Bad("layer-called-twice", lambda t, s: other_toy(Reused, s), rw(LoRA(), "*"), E.GraphScopeError, ("mix", "runs 2 times", "module scope"), GRAPH_ONLY),
     Bad("bad-regex", fresh, rw(LoRA(), "re:layers.(0|1"), E.PatternError, ("bad regex", "'re:layers.(0|1'", "whole path")),
     Bad("regex-overflow", fresh, rw(LoRA(), "re:a{99999999999}"), E.PatternError, ("bad regex", "repetition")),

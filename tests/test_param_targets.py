@@ -132,6 +132,16 @@ def test_sites_and_summary_list_parameter_sites():
     assert set(moe().state_dict()) <= set(keys)
 
 
+def test_diff_names_parameter_sites():
+    before, m = moe(), moe()
+    surgery.rewrite(m, LoRA(r=2), EXPERTS)
+    d = surgery.diff(before, m)
+    assert d.sites == [f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1) for n in ("gate_up_proj", "down_proj")]
+    assert set(d.classes.values()) == {("Parameter", "ParamSite")}
+    assert {g.variant for g in d.groups.values()} == {"LoRA(r=2)"}
+    assert "Parameter -> ParamSite" in str(d)
+
+
 def test_transposed_experts_are_adapted_as_the_maps_they_are():
     """GptOss reads x @ W[e] with W (E, d_in, d_out): each site has the map's d_in and d_out, and each variant
     acts on the map's own input and output sides (IA3 scales down_proj's inputs, gate_up_proj's outputs; DoRA's

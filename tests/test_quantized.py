@@ -282,3 +282,38 @@ def test_other_quantisers_are_refused_up_front(quantise):
         assert torch.equal(model(x), want)
     with pytest.raises(TraceError, match="cannot capture a quantised model"):
         surgery.trace(model, torch.randn(2, 64))
+
+
+def test_an_adapter_moves_between_a_quantised_base_and_its_float_model(saved, tmp_path):
+    """LoRA trained on nf4 loads onto the float model with a warning that names the quantisation (it only adds
+    to the base); DoRA, whose magnitude was computed from the quantised weight, is refused."""
+    for variant in (LoRA(r=4), DoRA(r=4)):
+        model = load(saved, "nf4")
+        surgery.rewrite(model, variant, where=WHERE)
+        train(model)
+        surgery.save(model, tmp_path / "q.safetensors")
+        float_model = LlamaForCausalLM.from_pretrained(saved)
+        if isinstance(variant, DoRA):
+            snap = snapshot(float_model)
+            with pytest.raises(surgery.errors.BaseMismatchError, match="saved on a Linear4bit .* has a Linear there"):
+                surgery.load(float_model, tmp_path / "q.safetensors")
+            assert_unchanged(float_model, snap)
+        else:
+            with pytest.warns(UserWarning, match="weights differ by the quantisation"):
+                surgery.load(float_model, tmp_path / "q.safetensors")
+            assert surgery.sites(float_model)
+
+
+def test_diff_of_a_qlora_model(saved):
+    """The 4-bit leaf is one call on both sides (never traced), and its weights keep their keys in the table."""
+    import copy
+
+    model = load(saved, "nf4")
+    before = copy.deepcopy(model)
+    surgery.rewrite(model, LoRA(r=4), where="*.q_proj")
+    d = surgery.diff(before, model)
+    assert d.sites == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    text = str(d)
+    assert "Linear4bit -> Site" in text and "base_layer" in text
+    changed = {c.path for c in d.weights}
+    assert changed == {f"model.layers.{i}.self_attn.q_proj.lora_{x}" for i in (0, 1) for x in "AB"}
