@@ -54,8 +54,13 @@ def matches(scope: Scope, where: Where, *, strict: bool = True) -> Matches:
     """`where` over the scope's paths; sites count as matchable, so a second rewrite can name them."""
     cands = nameable(scope)
     ok = {id(cands[p]) for p in scope.adaptable() | set(scope.sites()) if p in cands}
-    return match(cands, lambda m: id(m) in ok, where, strict=strict,
-                 opt_in=lambda m: isinstance(m, (nn.Parameter, ParamSite)) or layout(m) in ("embedding", "conv"))
+    weight_space = lambda m: isinstance(m, (nn.Parameter, ParamSite))  # noqa: E731
+    found = match(cands, lambda m: id(m) in ok, where, strict=strict,
+                  opt_in=lambda m: weight_space(m) or layout(m) in ("embedding", "conv"))
+    for label, hit in found.hits.items():  # "*conv*" adapts conv3, not conv3's 3D kernel a second time
+        layers = {p for p in hit if not weight_space(cands[p])}
+        found.hits[label] = [p for p in hit if not (weight_space(cands[p]) and p.rpartition(".")[0] in layers)]
+    return found
 
 
 def nameable(scope: Scope) -> dict[str, nn.Module | nn.Parameter]:

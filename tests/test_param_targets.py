@@ -116,6 +116,17 @@ def test_plan_lists_parameters_and_star_still_means_layers():
     assert surgery.plan(Toy(), "mix").paths == ["mix"]
 
 
+def test_a_pattern_that_reaches_a_layer_leaves_its_weight_to_it():
+    """"*conv*" reaches an nn.Conv1d and, by name, its 3D kernel (out, in, k), which looks like a stack of
+    experts: the layer is adapted once, as a layer."""
+    m = nn.Sequential()
+    m.add_module("conv", nn.Conv1d(4, 6, 3))
+    assert surgery.plan(m, "*conv*").paths == ["conv"]
+    surgery.rewrite(m, LoRA(r=2), "*conv*")
+    assert list(surgery.sites(m)) == ["conv"]
+    assert surgery.plan(nn.Sequential(nn.Conv1d(4, 6, 3)), "0.weight").paths == ["0.weight"]  # named: reached
+
+
 def test_sites_and_summary_list_parameter_sites():
     m = moe()
     surgery.rewrite(m, LoRA(r=2), EXPERTS)
