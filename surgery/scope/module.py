@@ -61,8 +61,15 @@ def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Template
                                    cast=ctx.dtype != leaf.weight.dtype)
     add_constants(root, vg)
     meta = {"site": base.path, "variant": stack.short()}
-    # a plain Linear / Conv1D traces the same for equal shapes; any other class may bake its own state in
-    kind = None if key is None else (type(leaf) if type(leaf) in _PLAIN else id(leaf), key)
+    # an nn.Linear traces the same whatever its shape; a Conv1D bakes its d_out in (x.view(..., nf)); any other
+    # class may bake its own state in
+    if type(leaf) is nn.Linear:
+        leaf_kind: Hashable = nn.Linear
+    elif type(leaf) in _PLAIN:
+        leaf_kind = (type(leaf), ctx.d_in, ctx.d_out)
+    else:
+        leaf_kind = id(leaf)
+    kind = None if key is None else (leaf_kind, key)
     tpl = templates.sites.get(kind) if kind is not None else None
     if tpl is None:
         site, tpl = _first_site(leaf, lay, root, vg, meta)
