@@ -4,6 +4,7 @@ them, and nothing a forward branches on is lost by the sharing."""
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -266,3 +267,32 @@ def test_the_identity_probe_checks_the_shape(scope):
     with pytest.raises(surgery.errors.VariantContractError, match=r"returned shape \(8,\) where the base output"):
         surgery.rewrite(model, Flattens(r=2), "*")
     assert not surgery.sites(model)
+
+
+def _provenance(site) -> set[str]:
+    return {n.meta["surgery"]["site"] for n in site.graph.nodes if "surgery" in n.meta}
+
+
+def test_sites_of_a_kind_share_a_graph_until_it_is_read(tmp_path):
+    """Module scope: a site built from its kind's template runs the template's code and shares its graph; reading
+    the graph gives the site its own copy, whose nodes name this site, and a change to it (a gate) is its own."""
+    model = llama("module")
+    x = LLAMA.inputs()
+    surgery.rewrite(model, LoRA(r=4), "*.{k_proj,v_proj}")
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.normal_()
+    out = model(**x).logits
+    twin = copy.deepcopy(model)  # copied while the graphs are still shared
+    sites = surgery.sites(model)
+    assert all(_provenance(s) == {p} for p, s in sites.items())
+    assert len({id(s.graph) for s in sites.values()}) == len(sites) == 4
+    surgery.set_scale(model, 0.5)  # a blend spliced into every site's graph
+    assert all(s.code.count("blend(") == 1 for s in sites.values()), "each gate went into its own graph"
+    assert rel_err(model(**x).logits, out) > 1e-3
+    surgery.set_scale(model, 1.0)
+    assert rel_err(model(**x).logits, out) < 1e-6
+    assert all(_provenance(s) == {p} for p, s in surgery.sites(twin).items())
+    assert rel_err(twin(**x).logits, out) < 1e-6
+    torch.save(twin, tmp_path / "m.pt")  # pickling a site writes its code, not a shared graph
+    assert rel_err(torch.load(tmp_path / "m.pt", weights_only=False)(**x).logits, out) < 1e-6

@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import UnsupportedModuleError
-from ..site import COMPILED, Conv1D, Site, adaptable, layout, op_spec, stored_weight
+from ..site import Conv1D, Site, adaptable, layout, op_spec, stored_weight
 from ..splice import BASE_WEIGHT, SCALE, Part, slot_prefix, Traces, add_constants, add_gate, place, splice, tracer
 from ..variant import SiteInfo, SiteInit
 from .base import Base, Emit, Scope, Staged, Txn, record
@@ -47,8 +47,8 @@ class Templates:
 def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Templates | None = None) -> Site:
     """Splice the active ``parts`` into a trace of the leaf and return the Site (the model is not touched).
 
-    The first site of a kind is traced and compiled; later ones copy its graph and reuse its compiled
-    forward, so their generated code is the same text."""
+    The first site of a kind is traced and compiled; later ones share its graph (``Site.shared``) and reuse
+    its compiled forward, so their generated code is the same text."""
     templates = templates or Templates()
     leaf, lay = base.module, base.layout
     bias = getattr(leaf, "bias", None)  # an nn.Embedding has none at all
@@ -76,12 +76,7 @@ def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Template
         if kind is not None:
             templates.sites[kind] = tpl
     else:
-        graph = copy.deepcopy(tpl.graph)
-        for n in graph.nodes:
-            if "surgery" in n.meta:
-                n.meta["surgery"] = dict(meta)
-        graph.__dict__[COMPILED] = tpl.code
-        site = Site(root, graph, class_name=type(leaf).__name__)
+        site = Site.shared(root, tpl.graph, tpl.code, meta, class_name=type(leaf).__name__)
     for table in ("_parameters", "_buffers"):  # what the graph does not read (a bias dead code dropped)
         for name, value in getattr(root, table).items():
             if name not in getattr(site, table):
