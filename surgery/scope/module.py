@@ -221,11 +221,11 @@ class ModuleScope(Scope):
             with torch.no_grad():
                 if folded is not None:
                     W, b = folded(path)
-                    w = stored_weight(W, site.layout, leaf.weight.shape).to(leaf.weight.dtype)
+                    w = stored_weight(W, site.layout, leaf.weight.shape).to(leaf.weight.dtype).contiguous()
                     if path in untie:
-                        leaf.weight = nn.Parameter(w.contiguous(), requires_grad=leaf.weight.requires_grad)
-                    else:
-                        leaf.weight.copy_(w)
+                        leaf.weight = nn.Parameter(w, requires_grad=leaf.weight.requires_grad)
+                    else:  # the same Parameter holds the folded tensor: no second pass over the weight to copy it in
+                        leaf.weight.data = w
                     if b is not None:
                         leaf.bias.copy_(b.to(leaf.bias.dtype))
                 elif site.replaced_base:
