@@ -476,6 +476,7 @@ class AdapterView(SiteAPI):
 
 
 COMPILED = "_surgery_compiled"  # on a copied site graph: the compiled forward of the graph it was copied from
+SHARED = "_surgery_shared"  # on a site made by Site.shared: (its kind's graph, its nodes' provenance) until read
 
 
 def _call_wrapped(self, *args, **kwargs):
@@ -491,6 +492,40 @@ class Site(fx.GraphModule, SiteAPI):
     def compiled(self) -> tuple:
         """This site's generated code and compiled forward, for a copy of its graph (``recompile``)."""
         return self._code, self._lineno_map, self._prologue_start, type(self).forward
+
+    @classmethod
+    def shared(cls, root: nn.Module, graph: fx.Graph, code: tuple, meta: dict, class_name: str) -> "Site":
+        """A site running ``code`` (``compiled()`` of a site with this graph) that shares ``graph`` with the other
+        sites of its kind until its own graph is read (a diff, a gate); ``meta`` is the provenance its nodes
+        then get. Copying the graph for every site was a quarter of the cost of a rewrite, and apply, forward,
+        save and merge never read it."""
+        graph.__dict__[COMPILED] = code
+        site = cls(root, graph, class_name=class_name)
+        graph.owning_module = None  # the kind's graph belongs to no site
+        site.__dict__[SHARED] = (graph, meta)
+        return site
+
+    def _unshare(self) -> None:
+        """Its own copy of a shared graph, stamped with its own path (the compiled code is that copy's too)."""
+        shared = self.__dict__.pop(SHARED, None)
+        if shared is not None:
+            graph, meta = shared
+            own = copy.deepcopy(graph)
+            for n in own.nodes:
+                if "surgery" in n.meta:
+                    n.meta["surgery"] = dict(meta)
+            own.owning_module = self
+            self.__dict__["_graph"] = own
+
+    @property
+    def graph(self) -> fx.Graph:
+        self._unshare()
+        return self._graph
+
+    @graph.setter
+    def graph(self, g: fx.Graph) -> None:
+        self.__dict__.pop(SHARED, None)
+        fx.GraphModule.graph.fset(self, g)
 
     def recompile(self):
         """GraphModule's recompile; a graph copied from a compiled site takes that site's forward instead
@@ -515,6 +550,7 @@ class Site(fx.GraphModule, SiteAPI):
             self.record.original._parameters[name] = self._parameters[name]
 
     def __deepcopy__(self, memo):
+        self._unshare()  # first, so that the copy's nodes name this site
         res = super().__deepcopy__(memo)
         # GraphModule's copy keeps only what the graph reads (not a None bias, an unread strength buffer, the
         # tensors of inactive adapters) and gives dotted targets fresh containers: put back the copies of all
@@ -527,6 +563,10 @@ class Site(fx.GraphModule, SiteAPI):
         res.__dict__["record"] = copy.deepcopy(self.record, memo)
         res._non_persistent_buffers_set = set(self._non_persistent_buffers_set)  # GraphModule's copy drops it
         return res
+
+    def __reduce__(self):
+        self._unshare()  # pickle writes the code and this module's __dict__, which must not carry a shared graph
+        return super().__reduce__()
 
     @property
     def base(self) -> nn.Module:

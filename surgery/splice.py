@@ -132,20 +132,25 @@ def tracer() -> fx.Tracer:
 
 class _Watched:
     """``t.site`` while a forward is traced: the same facts, noting whether the forward may have seen the
-    path (anything but d_in, d_out, layout and spec, which every key holds, counts as the path)."""
+    site's shape (d_in, d_out) and its path (anything but the shape, layout and spec, which every key
+    holds, counts as the path). A traced graph is otherwise shape-free: the variant's tensors are proxies
+    while it is traced, so their shapes cannot steer it."""
 
-    _KEYED = ("d_in", "d_out", "layout", "spec")
+    _KEYED = ("layout", "spec")
+    _SHAPE = ("d_in", "d_out")
 
     def __init__(self, info: SiteInfo):
-        self.info, self.read_path = info, False
+        self.info, self.read_shape, self.read_path = info, False, False
 
     def __getattr__(self, name: str) -> Any:
-        if name not in self._KEYED:
+        if name in self._SHAPE:
+            self.read_shape = True
+        elif name not in self._KEYED:
             self.read_path = True
         return getattr(self.info, name)
 
     def _whole(self) -> SiteInfo:
-        self.read_path = True
+        self.read_shape = self.read_path = True
         return self.info
 
     def __repr__(self) -> str:
@@ -163,26 +168,35 @@ class Traces:
     """The variant graphs of one rewrite (or load), each traced once per kind of site.
 
     Two sites trace to the same graph when they agree on everything a forward can branch on while it
-    is traced: the variant's fields, the site's shape, layout and bias, the cast, the names, shapes and
-    dtypes of the tensors, the modules; and, for a forward that reads ``t.site.path``, the variant's
-    ``trace_key`` of it (by default the path itself, so such sites are traced one by one).
+    is traced: the variant's fields, the site's layout and bias, the cast, the names, dtypes and
+    devices of the tensors, the modules; for a forward that reads ``t.site.d_in`` or ``d_out``, the
+    site's shape and its tensors' shapes; and, for a forward that reads ``t.site.path``, the variant's
+    ``trace_key`` of it (by default the path itself, so such sites are traced one by one). So the
+    q, k, v, o, gate, up and down projections of a transformer share one graph unless a forward
+    asks for more.
     """
 
     graphs: dict[Hashable, VariantGraph] = field(default_factory=dict)
-    reads_path: dict[Hashable, bool] = field(default_factory=dict)  # per kind: does forward read t.site.path?
+    # per kind: does forward read (t.site.d_in or d_out, t.site.path)?
+    reads: dict[Hashable, tuple[bool, bool]] = field(default_factory=dict)
+
+    @staticmethod
+    def _key(kind: Hashable, reads: tuple[bool, bool], variant: Variant, tensors: dict[str, torch.Tensor],
+             site: SiteInfo) -> Hashable:
+        shape = (site.d_in, site.d_out, tuple(tuple(t.shape) for t in tensors.values())) if reads[0] else None
+        return kind, shape, variant.trace_key(site) if reads[1] else None
 
     def key(self, variant: Variant, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
             has_bias: bool, site: SiteInfo, cast: bool) -> Hashable | None:
         """The kind of a site, or None when it cannot be told (a variant with an unhashable field)."""
-        specs = tuple((n, tuple(t.shape), t.dtype, t.device.type) for n, t in tensors.items())
-        kind = (variant, site.d_in, site.d_out, site.layout, site.spec, has_bias, cast, specs, tuple(modules))
+        specs = tuple((n, t.dtype, t.device.type) for n, t in tensors.items())
+        kind = (variant, site.layout, site.spec, has_bias, cast, specs, tuple(modules))
         try:
             hash(kind)
         except TypeError:
             return None
-        if self.reads_path.get(kind):
-            return kind, variant.trace_key(site)
-        return kind, None
+        reads = self.reads.get(kind)
+        return (kind, None, None) if reads is None else self._key(kind, reads, variant, tensors, site)
 
     def get(self, variant: Variant, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module],
             has_bias: bool, site: SiteInfo, cast: bool) -> tuple[VariantGraph, Hashable | None]:
@@ -194,8 +208,8 @@ class Traces:
         vg = trace_variant(variant, tensors, modules, has_bias, watched, cast)
         if key is not None:
             kind = key[0]
-            self.reads_path[kind] = watched.read_path
-            key = (kind, variant.trace_key(site) if watched.read_path else None)
+            self.reads[kind] = (watched.read_shape, watched.read_path)
+            key = self._key(kind, self.reads[kind], variant, tensors, site)
             self.graphs[key] = vg
         return vg, key
 

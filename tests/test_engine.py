@@ -229,3 +229,22 @@ def test_plain_torch_module():
     surgery.rewrite(net, LoRA(r=2), "*")
     assert sorted(surgery.sites(net)) == ["0", "2"]
     assert rel_err(net(x), ref) == 0.0
+
+
+@pytest.mark.parametrize("family", [LLAMA, GPT2], ids=lambda f: f.name)
+def test_merge_keeps_each_weight_parameter_with_its_layout(family):
+    """Module scope writes a folded weight into the leaf's own Parameter (no copy pass): same object, flags, dtype,
+    shape and strides as before (GPT-2's Conv1D stores W transposed), and the values the adapted forward ran."""
+    model = family.model()
+    x = family.inputs()
+    before = {n: (p, p.requires_grad, p.dtype, p.shape, p.stride()) for n, p in model.named_parameters()}
+    surgery.rewrite(model, LoRA(r=4), family.where)
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.normal_()
+    out = model(**x).logits
+    surgery.merge(model)
+    after = {n: (p, p.requires_grad, p.dtype, p.shape, p.stride()) for n, p in model.named_parameters()}
+    assert after.keys() == before.keys()
+    assert all(after[n][0] is before[n][0] and after[n][1:] == before[n][1:] for n in before)
+    assert rel_err(model(**x).logits, out) < 1e-5

@@ -1,9 +1,10 @@
-"""A rewrite traces each kind of site once: sites that agree on shape, layout, bias, tensors and variant share
-one traced variant graph (and, in module scope, one compiled forward), and nothing a forward branches on is
-lost by the sharing."""
+"""A rewrite traces each kind of site once: sites that agree on layout, bias, tensors and variant share one
+traced variant graph (and, in module scope, one compiled forward), whatever their shapes unless a forward reads
+them, and nothing a forward branches on is lost by the sharing."""
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from torch import nn
 
 import surgery
 from adapters import IA3, LoRA
-from models import LLAMA, SCOPES, in_scope, rel_err
+from models import GPT2, LLAMA, SCOPES, in_scope, rel_err
 from surgery import splice
 
 ALL7 = "*.{q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj}"
@@ -40,7 +41,7 @@ def llama(scope: str) -> nn.Module:
 
 def code_of(site) -> str:
     """A site's code without what names its place (graph scope names nodes and attributes by path)."""
-    code = re.sub(r"(gate|up|down|[qkvo])_proj", "P", site.code)
+    code = re.sub(r"(self_attn|mlp)\.(gate|up|down|[qkvo])_proj", "P", site.code)
     return re.sub(r"\d+", "#", re.sub(r"(_\d+)+\b", "", code))
 
 
@@ -51,14 +52,59 @@ def test_one_trace_per_kind_of_site(scope, traces):
     sites = surgery.sites(model)
     shapes = {(s.d_in, s.d_out) for s in sites.values()}
     assert len(sites) == 14 and len(shapes) == 4  # q/o, k/v, gate/up, down
-    assert len(traces) == len(shapes), traces
-    by_shape: dict[tuple[int, int], set[str]] = {}
-    for s in sites.values():
-        by_shape.setdefault((s.d_in, s.d_out), set()).add(code_of(s))
-    assert all(len(codes) == 1 for codes in by_shape.values()), by_shape
+    assert len(traces) == 1, traces  # LoRA's forward never reads the shape: one graph for all four
+    assert len({code_of(s) for s in sites.values()}) == 1
     # every site holds its own tensors (nothing shared but the code)
     ids = [id(t) for s in sites.values() for t in s.adapter_tensors().values()]
     assert len(ids) == len(set(ids)) == 28
+
+
+@dataclass(frozen=True)
+class HalvesRows(LoRA):
+    """Reads t.site.d_out in forward: a graph traced at one shape bakes its number in, so each shape gets its own."""
+
+    def forward(self, x, y, weight, bias, t):
+        out = super().forward(x, y, weight, bias, t)
+        keep = torch.arange(t.site.d_out, device=y.device) < t.site.d_out // 2  # a constant of the trace
+        return torch.where(keep, out, y)
+
+    def fold(self, weight, bias, t):
+        W, b = super().fold(weight, bias, t)
+        keep = (torch.arange(t.site.d_out, device=W.device) < t.site.d_out // 2)[:, None]
+        return torch.where(keep, W, weight), b
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_forward_that_reads_the_shape_is_traced_per_shape(scope, traces):
+    model = llama(scope)
+    x = LLAMA.inputs()
+    surgery.rewrite(model, HalvesRows(r=4), ALL7)
+    assert len(traces) == 4, traces  # q/o, k/v, gate/up, down
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.normal_()
+    out = model(**x).logits
+    assert rel_err(surgery.merge(model)(**x).logits, out) < 1e-5, "each shape has its own constant"
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_conv1d_sites_of_other_widths_get_their_own_forward(scope, traces):
+    """GPT-2's Conv1D bakes its output width into its trace (x.view(..., nf)): c_attn (3d), c_fc (4d) and
+    c_proj (d) share the variant graph but not (module scope) the site's forward."""
+    x = GPT2.inputs()
+    model = in_scope(scope, GPT2.model(), **x)
+    base = model(**x).logits
+    surgery.rewrite(model, LoRA(r=4), "*.{attn.c_attn,mlp.c_fc,mlp.c_proj}")
+    assert len(traces) == 1, traces
+    assert rel_err(model(**x).logits, base) < 1e-6
+    sites = surgery.sites(model)
+    assert {s.d_out for s in sites.values()} == {32, 96, 128}
+    with torch.no_grad():
+        for s in sites.values():
+            s.lora_B.normal_()
+    out = model(**x).logits
+    assert rel_err(out, base) > 1e-2
+    assert rel_err(surgery.merge(model)(**x).logits, out) < 1e-5
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -81,7 +127,7 @@ def test_ia3_shares_a_trace_per_side(scope, traces):
     variant = IA3(feedforward=("down_proj", "o_proj"))  # o_proj has q_proj's shape: same kind, other side
     surgery.rewrite(model, variant, "*.{q_proj,o_proj,down_proj}")
     sites = surgery.sites(model)
-    assert len(traces) == 3, traces  # q (output side), o (input side), down (input side, another shape)
+    assert len(traces) == 2, traces  # q (output side); o and down (input side, two shapes, one graph)
     q, o = sites["model.layers.0.self_attn.q_proj"], sites["model.layers.0.self_attn.o_proj"]
     assert (q.d_in, q.d_out) == (o.d_in, o.d_out) and code_of(q) != code_of(o)
     with torch.no_grad():
@@ -221,3 +267,32 @@ def test_the_identity_probe_checks_the_shape(scope):
     with pytest.raises(surgery.errors.VariantContractError, match=r"returned shape \(8,\) where the base output"):
         surgery.rewrite(model, Flattens(r=2), "*")
     assert not surgery.sites(model)
+
+
+def _provenance(site) -> set[str]:
+    return {n.meta["surgery"]["site"] for n in site.graph.nodes if "surgery" in n.meta}
+
+
+def test_sites_of_a_kind_share_a_graph_until_it_is_read(tmp_path):
+    """Module scope: a site built from its kind's template runs the template's code and shares its graph; reading
+    the graph gives the site its own copy, whose nodes name this site, and a change to it (a gate) is its own."""
+    model = llama("module")
+    x = LLAMA.inputs()
+    surgery.rewrite(model, LoRA(r=4), "*.{k_proj,v_proj}")
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            s.lora_B.normal_()
+    out = model(**x).logits
+    twin = copy.deepcopy(model)  # copied while the graphs are still shared
+    sites = surgery.sites(model)
+    assert all(_provenance(s) == {p} for p, s in sites.items())
+    assert len({id(s.graph) for s in sites.values()}) == len(sites) == 4
+    surgery.set_scale(model, 0.5)  # a blend spliced into every site's graph
+    assert all(s.code.count("blend(") == 1 for s in sites.values()), "each gate went into its own graph"
+    assert rel_err(model(**x).logits, out) > 1e-3
+    surgery.set_scale(model, 1.0)
+    assert rel_err(model(**x).logits, out) < 1e-6
+    assert all(_provenance(s) == {p} for p, s in surgery.sites(twin).items())
+    assert rel_err(twin(**x).logits, out) < 1e-6
+    torch.save(twin, tmp_path / "m.pt")  # pickling a site writes its code, not a shared graph
+    assert rel_err(torch.load(tmp_path / "m.pt", weights_only=False)(**x).logits, out) < 1e-6

@@ -18,7 +18,7 @@ from .. import quant
 from ..errors import UnsupportedModuleError
 from ..param import (ParamSite, adaptable_parameter, attach, detach, layout_of_parameter, owns_sites, parameters,
                      set_param)
-from ..site import COMPILED, Conv1D, Site, adaptable, layout, op_spec, stored_weight
+from ..site import Conv1D, Site, adaptable, layout, op_spec, stored_weight
 from ..splice import (BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, base_caller, place, slot_prefix, splice,
                       tracer)
 from ..variant import SiteInfo, SiteInit
@@ -52,8 +52,8 @@ class Templates:
 def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Templates | None = None) -> Site:
     """Splice the active ``parts`` into a trace of the leaf and return the Site (the model is not touched).
 
-    The first site of a kind is traced and compiled; later ones copy its graph and reuse its compiled
-    forward, so their generated code is the same text."""
+    The first site of a kind is traced and compiled; later ones share its graph (``Site.shared``) and reuse
+    its compiled forward, so their generated code is the same text."""
     templates = templates or Templates()
     leaf, lay = base.module, base.layout
     bias = getattr(leaf, "bias", None)  # an nn.Embedding has none at all
@@ -69,22 +69,23 @@ def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Template
                                    cast=ctx.dtype != base.dtype)
     add_constants(root, vg)
     meta = {"site": base.path, "variant": stack.short()}
-    # a plain Linear / Conv1D (or an opaque base, which is only called) gives the same graph for equal shapes;
-    # any other class may bake its own state in
-    same = type(leaf) in _PLAIN or base.quant is not None
-    kind = None if key is None else (type(leaf) if same else id(leaf), key)
+    # an nn.Linear traces the same whatever its shape; a Conv1D bakes its d_out in (x.view(..., nf)), and an opaque
+    # (quantised) base, which is only called, keeps its class and shape in the key too; any other class may bake
+    # its own state in
+    if type(leaf) is nn.Linear and base.quant is None:
+        leaf_kind: Hashable = nn.Linear
+    elif type(leaf) in _PLAIN or base.quant is not None:
+        leaf_kind = (type(leaf), ctx.d_in, ctx.d_out)
+    else:
+        leaf_kind = id(leaf)
+    kind = None if key is None else (leaf_kind, key)
     tpl = templates.sites.get(kind) if kind is not None else None
     if tpl is None:
         site, tpl = _first_site(leaf, info, root, vg, meta, opaque=base.quant is not None)
         if kind is not None:
             templates.sites[kind] = tpl
     else:
-        graph = copy.deepcopy(tpl.graph)
-        for n in graph.nodes:
-            if "surgery" in n.meta:
-                n.meta["surgery"] = dict(meta)
-        graph.__dict__[COMPILED] = tpl.code
-        site = Site(root, graph, class_name=type(leaf).__name__)
+        site = Site.shared(root, tpl.graph, tpl.code, meta, class_name=type(leaf).__name__)
     for table in ("_parameters", "_buffers"):  # what the graph does not read (a bias dead code dropped)
         for name, value in getattr(root, table).items():
             if name not in getattr(site, table):
@@ -323,11 +324,11 @@ class ModuleScope(Scope):
             with torch.no_grad():
                 if folded is not None:
                     W, b = folded(path)
-                    w = stored_weight(W, site.layout, leaf.weight.shape).to(leaf.weight.dtype)
+                    w = stored_weight(W, site.layout, leaf.weight.shape).to(leaf.weight.dtype).contiguous()
                     if path in untie:
-                        leaf.weight = nn.Parameter(w.contiguous(), requires_grad=leaf.weight.requires_grad)
-                    else:
-                        leaf.weight.copy_(w)
+                        leaf.weight = nn.Parameter(w, requires_grad=leaf.weight.requires_grad)
+                    else:  # the same Parameter holds the folded tensor: no second pass over the weight to copy it in
+                        leaf.weight.data = w
                     if b is not None:
                         leaf.bias.copy_(b.to(leaf.bias.dtype))
                 elif site.replaced_base:
