@@ -55,12 +55,8 @@ def matches(scope: Scope, where: Where, *, strict: bool = True) -> Matches:
     cands = nameable(scope)
     ok = {id(cands[p]) for p in scope.adaptable() | set(scope.sites()) if p in cands}
     weight_space = lambda m: isinstance(m, (nn.Parameter, ParamSite))  # noqa: E731
-    found = match(cands, lambda m: id(m) in ok, where, strict=strict,
-                  opt_in=lambda m: weight_space(m) or layout(m) in ("embedding", "conv"))
-    for label, hit in found.hits.items():  # "*conv*" adapts conv3, not conv3's 3D kernel a second time
-        layers = {p for p in hit if not weight_space(cands[p])}
-        found.hits[label] = [p for p in hit if not (weight_space(cands[p]) and p.rpartition(".")[0] in layers)]
-    return found
+    return match(cands, lambda m: id(m) in ok, where, strict=strict, weight_space=weight_space,
+                 opt_in=lambda m: weight_space(m) or layout(m) in ("embedding", "conv"))
 
 
 def nameable(scope: Scope) -> dict[str, nn.Module | nn.Parameter]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
@@ -227,26 +227,34 @@ def match(
     *,
     strict: bool = True,
     opt_in: Callable[[nn.Module], bool] | None = None,
+    weight_space: Callable[[Any], bool] = lambda m: False,
 ) -> Matches:
     """Match `where` against ``candidates`` (path -> module, in model order).
 
     With ``strict``, a pattern that hits no adaptable module raises. A module for which ``opt_in`` is true
     (an embedding or a convolution) is hit only by an alternative that hits no other adaptable module: "*"
-    keeps meaning every linear layer, while "*.embed_tokens" or "*conv*" reach what they name.
+    keeps meaning every linear layer, while "*.embed_tokens" or "*conv*" reach what they name. A candidate for
+    which ``weight_space`` is true (a Parameter) is reached only by an alternative that matches no module:
+    "*.experts.gate_up_proj" names a Parameter, while "*.mlp.*" means the layers under mlp, not every
+    Parameter there (a router's weight, a conv's kernel).
     """
     patterns = compile_where(where)
     result = Matches()
     for pat in patterns:
         hit, skip, containers = [], [], []
+        modules = False
         for path, mod in candidates.items():
             if not pat.test(path, mod):
                 continue
+            modules = modules or not weight_space(mod)
             if is_adaptable(mod):
                 hit.append(path)
             elif not isinstance(mod, nn.Module) or not any(True for _ in mod.children()):  # a leaf, or a Parameter
                 skip.append(path)
             else:
                 containers.append(path)
+        if modules and any(weight_space(candidates[p]) for p in hit + skip):
+            hit, skip = (_named_parameters(pat, ps, candidates, weight_space) for ps in (hit, skip))
         if opt_in is not None and any(opt_in(candidates[p]) for p in hit):
             hit = _opted_in(pat, hit, candidates, opt_in)
         result.hits[pat.label] = hit
@@ -264,6 +272,14 @@ def match(
         if strict and pat.literal and skip:
             _raise_unsupported(pat, skip, candidates, is_adaptable)
     return result
+
+
+def _named_parameters(pat: Pattern, paths: list[str], candidates, weight_space) -> list[str]:
+    """``paths`` without the Parameters that only alternatives matching modules too reached ("{mix,head}" names
+    the Parameter mix; "*conv*" means the convolutions, not their kernels as well)."""
+    plain = [alt for alt in pat.alternatives or [pat.test]
+             if not any(alt(p, m) for p, m in candidates.items() if not weight_space(m))]
+    return [p for p in paths if not weight_space(candidates[p]) or any(alt(p, candidates[p]) for alt in plain)]
 
 
 def _opted_in(pat: Pattern, hit: list[str], candidates, opt_in) -> list[str]:
