@@ -123,6 +123,8 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
 def dequantized(module: nn.Module) -> torch.Tensor:
     """W of a bitsandbytes layer as a float32 (d_out, d_in) tensor, made now (never cached)."""
     w = module.weight
+    if w.is_floating_point():  # an 8-bit layer built with has_fp16_weights=True keeps its weight in float
+        return w.detach().float()
     if kind(module) == "int8":
         scb = getattr(w, "SCB", None)
         if scb is None:
@@ -138,9 +140,11 @@ def requantized(module: nn.Module, W: torch.Tensor, b: torch.Tensor | None) -> n
     device = module.weight.device
     W = W.detach().to("cpu", torch.float32).contiguous()
     if kind(module) == "int8":
+        fp16 = bool(module.state.has_fp16_weights)
         new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=b is not None,
-                                  has_fp16_weights=False, threshold=module.state.threshold, device="meta")
-        new.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False)
+                                  has_fp16_weights=fp16, threshold=module.state.threshold, device="meta")
+        new.weight = bnb.nn.Int8Params(W.to(module.weight.dtype) if fp16 else W, requires_grad=False,
+                                       has_fp16_weights=fp16)
     else:
         w = module.weight
         new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=b is not None,

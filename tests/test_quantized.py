@@ -317,3 +317,27 @@ def test_diff_of_a_qlora_model(saved):
     assert "Linear4bit -> Site" in text and "base_layer" in text
     changed = {c.path for c in d.weights}
     assert changed == {f"model.layers.{i}.self_attn.q_proj.lora_{x}" for i in (0, 1) for x in "AB"}
+
+
+def test_an_8bit_layer_that_keeps_float_weights():
+    """Linear8bitLt(has_fp16_weights=True) holds its weight in float: read as it is, merged back the same way."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear8bitLt(64, 32, bias=True, has_fp16_weights=True, threshold=6.0)
+    layer.weight = bnb.nn.Int8Params(torch.randn(32, 64), requires_grad=False, has_fp16_weights=True)
+    model = torch.nn.Sequential(layer).to("cpu")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        base = model(x)
+    surgery.rewrite(model, LoRA(r=2), where="0")
+    assert torch.equal(quant.dequantized(layer), layer.weight.float())
+    with torch.no_grad():
+        assert torch.equal(model(x), base)
+        for t in surgery.sites(model)["0"].adapter_tensors().values():
+            t.add_(0.1)
+        adapted = model(x)
+    W, b = surgery.sites(model)["0"].fold()
+    surgery.merge(model, dequantize=True)
+    assert type(model[0]) is torch.nn.Linear
+    assert torch.equal(model[0].weight, W) and torch.equal(model[0].bias, b)
+    with torch.no_grad():  # the layer's own forward quantises its float weight to int8 for every matmul
+        assert rel_err(model(x), adapted) <= 1e-2
