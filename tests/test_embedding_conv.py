@@ -140,6 +140,14 @@ def peft_tensors(pm) -> dict[str, torch.Tensor]:
     return {peft_name(n): p for n, p in pm.named_parameters() if p.requires_grad}
 
 
+def assert_same_grads(pm, ours: nn.Module) -> None:
+    grads = peft_tensors(pm)
+    for p, s in surgery.sites(ours).items():
+        for n, t in s.adapter_tensors().items():
+            g = grads[f"{p}.{n}"].grad.reshape(t.shape)
+            assert rel_err(t.grad, g) <= 1e-5, f"gradient of {p}.{n} vs PEFT: {rel_err(t.grad, g):.3g}"
+
+
 def copy_across(pm, ours: nn.Module) -> int:
     mine = {f"{p}.{n}": t for p, s in surgery.sites(ours).items() for n, t in s.adapter_tensors().items()}
     theirs = peft_tensors(pm)
@@ -167,11 +175,7 @@ def test_matches_peft_outputs_and_gradients(method, net, scope):
     assert err <= 1e-5, f"outputs vs PEFT: {err:.3g}"
     theirs.pow(2).mean().backward()
     mine.pow(2).mean().backward()
-    grads = peft_tensors(pm)
-    for p, s in surgery.sites(ours).items():
-        for n, t in s.adapter_tensors().items():
-            g = grads[f"{p}.{n}"].grad.reshape(t.shape)
-            assert rel_err(t.grad, g) <= 1e-5, f"gradient of {p}.{n} vs PEFT: {rel_err(t.grad, g):.3g}"
+    assert_same_grads(pm, ours)
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -360,11 +364,7 @@ def test_conv_training_with_dropout_matches_peft(method):
     assert rel_err(mine, theirs) <= 1e-5, f"training outputs vs PEFT: {rel_err(mine, theirs):.3g}"
     (mine * proj).sum().backward()
     (theirs * proj).sum().backward()
-    grads = peft_tensors(pm)
-    for p, s in surgery.sites(ours).items():
-        for n, t in s.adapter_tensors().items():
-            g = grads[f"{p}.{n}"].grad.reshape(t.shape)
-            assert rel_err(t.grad, g) <= 1e-5, f"gradient of {p}.{n} vs PEFT: {rel_err(t.grad, g):.3g}"
+    assert_same_grads(pm, ours)
 
 
 @pytest.mark.parametrize("method,net", WITH_PEFT)

@@ -24,7 +24,7 @@ from transformers import GptOssConfig, GptOssForCausalLM, Qwen3MoeConfig, Qwen3M
 
 import surgery
 from adapters import DoRA, EVA, HRA, IA3, LoRA, PiSSA, ROAD, AntiPaSTO, DeLoRA
-from models import SCOPES, in_scope, rel_err
+from models import SCOPES, in_scope, randomise_adapters, rel_err
 from surgery import errors as E
 from surgery.param import ParamSite
 from test_errors import assert_unchanged, snapshot
@@ -95,12 +95,7 @@ X = torch.randn(7, 6, generator=torch.Generator().manual_seed(2))
 
 
 def randomise(model: nn.Module, seed: int = 3, scale: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for s in surgery.sites(model).values():
-            for t in s.adapter_tensors().values():
-                if isinstance(t, nn.Parameter):
-                    t.add_(scale * torch.randn(t.shape, generator=g).to(t))
+    randomise_adapters(model, scale=scale, seed=seed)
 
 
 # ----- where -----
