@@ -48,15 +48,11 @@ def fingerprint(scope: Scope) -> str:
 
     Read from the modules' parameters and persistent buffers, not from ``state_dict()``: bitsandbytes' 4-bit
     layers unpack a repacked weight in place, lossily, when asked for their state."""
-    sites = scope.sites()
-    adapter = {f"{p}.{n}" for p, s in sites.items() for n in s.adapter_tensors()}
-    opaque = tuple(f"{p}.{quant.BASE}." for p, s in sites.items() if s.record.quant)  # keys as on the bare base
+    adapter = {f"{p}.{n}" for p, s in scope.sites().items() for n in s.adapter_tensors()}
+    bare = quant.bare_keys(scope.model)
     h = hashlib.sha256()
-    for k, shape in sorted(_state_shapes(scope.model).items()):
-        if k not in adapter:
-            if k.startswith(opaque):
-                k = k.replace(f".{quant.BASE}.", ".", 1)
-            h.update(f"{k}:{shape};".encode())
+    for k, shape in sorted((bare(k), shape) for k, shape in _state_shapes(scope.model).items() if k not in adapter):
+        h.update(f"{k}:{shape};".encode())
     return h.hexdigest()[:16]
 
 
@@ -219,9 +215,6 @@ def _same_sample(saved: list[float], now: list[float], saved_dtype: str, now_dty
     return torch.equal(a, b)
 
 
-_QUANTISED = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")  # bitsandbytes layers a site wraps
-
-
 def check_base_sample(scope: Scope, entries: dict[str, dict[str, Any]], plan: dict[str, Variant], path) -> None:
     """Each adapted weight must be the one the file was saved on: an error for variants whose tensors were
     computed from it (``Variant.base_bound``), a warning for the rest. ``entries`` and ``plan`` by module path."""
@@ -233,7 +226,7 @@ def check_base_sample(scope: Scope, entries: dict[str, dict[str, Any]], plan: di
         if saved is None or now is None or _same_sample(saved, now, info["base"].get("dtype", ""), stored):
             continue
         saved_class = info["base"].get("class", "")
-        if saved_class != base.base_class and (base.quant or saved_class in _QUANTISED):
+        if saved_class != base.base_class and (base.quant or saved_class in quant.CLASSES):
             what = (f"{path} was saved on a {saved_class} at {p} and this base has a {base.base_class} there: the "
                     "weights differ by the quantisation (moving an adapter between a quantised base and its float "
                     "model)")

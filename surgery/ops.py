@@ -37,7 +37,7 @@ from .errors import (
     SHOWN,
     clip,
 )
-from . import hf, quant
+from . import hf
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
 from .param import ParamSite, replacing, require_weight_space
@@ -129,10 +129,7 @@ def rewrite(model: nn.Module, variant: Variant, where: Where, *, calibration: It
     paths = resolve(scope, where, name)
     plan: dict[str, Variant] = {p: variant for p in paths}
     for p in paths:  # before calibration runs the model
-        base = scope.base(p)
-        require_layout(base, variant, scope)
-        if base.param:
-            require_weight_space(p, variant, scope.noun)
+        require_layout(scope.base(p), variant, scope)
     states: dict[str, Any] = {}
     if variant.needs_calibration:
         states = collect(scope, variant, paths, calibration)
@@ -145,8 +142,11 @@ _LAYERS = {"linear": "linear layer", "conv1d": "GPT-2 Conv1D", "embedding": "nn.
 
 
 def require_layout(base: Base, variant: Variant, scope: Scope) -> None:
-    """Refuse a variant on a kind of layer it does not declare (``Variant.layouts``), before anything changes."""
+    """Refuse a variant on a kind of layer it does not declare (``Variant.layouts``), or on a Parameter when a fold
+    cannot express it (``param.require_weight_space``), before anything changes."""
     if base.layout in variant.layouts:
+        if base.param:
+            require_weight_space(base.path, variant, scope.noun)
         return
     can = sorted(n for n, cls in REGISTRY.items() if base.layout in cls.layouts)
     raise ConfigError(
@@ -260,16 +260,14 @@ def install(scope: Scope, plan: dict[str, dict[str, Variant]], *, states: dict[s
         parts, ctx = [], None
         for name, variant in named.items():
             require_layout(base, variant, scope)
-            if base.param:
-                require_weight_space(path, variant, scope.noun)
             ctx = site_init(base, variant, calibration=states.get(path), loading=loading)
             _call_variant(variant, "check", path, lambda: variant.check(ctx))
             require_bounded_rank(variant, ctx)
             tensors = _call_variant(variant, "init", path, lambda: _init(variant, ctx, base.experts))
             _check_init(variant, path, ctx, tensors)
-            if ctx.new_weight is not None and base.param:
-                raise replacing(path, variant, scope.noun)
             if ctx.new_weight is not None:
+                if base.param:
+                    raise replacing(path, variant, scope.noun)
                 if base.quant:
                     raise ConfigError(
                         f"{variant.short()} replaces the base weight of {path} by its residual, and {path} is a "
@@ -598,7 +596,8 @@ def merge(model: nn.Module, *, dequantize: bool = False,
                 "nothing to fold. Load real weights (e.g. model.to_empty(device='cpu') and load a checkpoint) first."
             )
         _fold_checked(scope, site)  # checked, then dropped: holding every W' at once would double the model
-        tied = [n for n in owners.get(id(site.base_weight), []) if n not in (f"{path}.weight", f"{path}.{quant.BASE}.weight", path)]
+        # the site's own names for its weight (path.weight, path.base_layer.weight, a parameter site's path) are no tie
+        tied = [n for n in owners.get(id(site.base_weight), []) if n != path and not n.startswith(path + ".")]
         if tied:
             untie[path] = tied
     for path, tied in untie.items():

@@ -199,13 +199,3 @@ def replacing(path: str, variant: Variant, noun: str) -> ConfigError:
         f"which a parameter site (a fold of the untouched Parameter) does not do. Use LoRA there (PiSSA's init "
         f"is a LoRA whose base changed), or adapt a layer; the {noun} was left unchanged."
     )
-
-
-def set_param(owner: nn.Module, name: str, value: torch.Tensor, *, new: bool) -> None:
-    """Write a folded weight into the owner's Parameter (``new``: as a new Parameter, untying it)."""
-    p = owner._parameters[name]
-    with torch.no_grad():
-        if new:
-            owner._parameters[name] = nn.Parameter(value.to(p.dtype).contiguous(), requires_grad=p.requires_grad)
-        else:
-            p.copy_(value)

@@ -12,12 +12,22 @@ layers look like ``nn.Linear`` to a type check, but a site could neither read no
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from .errors import UnsupportedModuleError
 
 BASE = "base_layer"  # where a site keeps its opaque base, so its keys read <path>.base_layer.weight as in PEFT
+CLASSES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")  # the bitsandbytes layers ``kind`` knows, by name
+
+
+def bare_keys(model: nn.Module) -> Callable[[str], str]:
+    """A state_dict key of ``model`` as the base had it: an opaque base's ``<path>.base_layer.weight`` is the
+    ``<path>.weight`` of the layer it was before it became a site's base."""
+    moved = tuple(f"{p}.{BASE}." for p, m in model.named_modules() if getattr(getattr(m, "record", None), "quant", None))
+    return lambda k: k.replace(f".{BASE}.", ".", 1) if moved and k.startswith(moved) else k
 
 
 def _bnb():

@@ -182,6 +182,17 @@ def stored_weight(w: torch.Tensor, lay: str, shape: torch.Size | tuple[int, ...]
     return w.mT
 
 
+def set_param(owner: nn.Module, name: str, value: torch.Tensor, *, new: bool) -> None:
+    """Write a folded weight (storage layout) into the owner's Parameter ``name``: the same Parameter object holds
+    it (no second pass over the weight to copy it in), or with ``new`` a new Parameter (untying a shared one)."""
+    p = owner._parameters[name]
+    value = value.detach().to(p.dtype).contiguous()
+    if new:
+        owner._parameters[name] = nn.Parameter(value, requires_grad=p.requires_grad)
+    else:
+        p.data = value
+
+
 def base_output(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lay: str, spec=None) -> torch.Tensor:
     """The unadapted layer's output from its stored weight (for identity probes)."""
     if lay == "embedding":

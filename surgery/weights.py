@@ -107,14 +107,8 @@ def _rank(d: torch.Tensor, after: torch.Tensor) -> tuple[int, bool]:
 def of_model(model: torch.nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
     """A model's parameters and persistent buffers (its state dict), as getters; an opaque base inside a site
     (``<path>.base_layer.weight``) under the keys it had before it became one (``<path>.weight``)."""
-    moved = tuple(f"{p}.{quant.BASE}." for p, m in model.named_modules()
-                  if getattr(getattr(m, "record", None), "quant", None))
-    out = {}
-    for k, v in model.state_dict().items():
-        if k.startswith(moved):
-            k = k.replace(f".{quant.BASE}.", ".", 1)
-        out[k] = lambda v=v: v
-    return out
+    bare = quant.bare_keys(model)
+    return {bare(k): (lambda v=v: v) for k, v in model.state_dict().items()}
 
 
 def of_checkpoint(directory: str | os.PathLike) -> dict[str, Callable[[], torch.Tensor]]:

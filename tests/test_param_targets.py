@@ -111,15 +111,18 @@ def test_plan_lists_parameters_and_star_still_means_layers():
     assert surgery.plan(Toy(), "mix").paths == ["mix"]
 
 
-def test_a_pattern_that_reaches_a_layer_leaves_its_weight_to_it():
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_pattern_that_reaches_a_layer_leaves_its_weight_to_it(scope):
     """"*conv*" reaches an nn.Conv1d and, by name, its 3D kernel (out, in, k), which looks like a stack of
     experts: the layer is adapted once, as a layer."""
     m = nn.Sequential()
     m.add_module("conv", nn.Conv1d(4, 6, 3))
-    assert surgery.plan(m, "*conv*").paths == ["conv"]
-    surgery.rewrite(m, LoRA(r=2), "*conv*")
-    assert list(surgery.sites(m)) == ["conv"]
-    assert surgery.plan(nn.Sequential(nn.Conv1d(4, 6, 3)), "0.weight").paths == ["0.weight"]  # named: reached
+    target = in_scope(scope, m, torch.randn(2, 4, 9))
+    assert surgery.plan(target, "*conv*").paths == ["conv"]
+    surgery.rewrite(target, LoRA(r=2), "*conv*")
+    assert list(surgery.sites(target)) == ["conv"]
+    named = in_scope(scope, nn.Sequential(nn.Conv1d(4, 6, 3)), torch.randn(2, 4, 9))
+    assert surgery.plan(named, "0.weight").paths == ["0.weight"]  # named: reached
 
 
 def test_sites_and_summary_list_parameter_sites():

@@ -16,9 +16,8 @@ from torch.func import functional_call
 
 from .. import quant
 from ..errors import UnsupportedModuleError
-from ..param import (ParamSite, adaptable_parameter, attach, detach, layout_of_parameter, owns_sites, parameters,
-                     set_param)
-from ..site import Conv1D, Site, adaptable, layout, op_spec, stored_weight
+from ..param import ParamSite, adaptable_parameter, attach, detach, layout_of_parameter, owns_sites, parameters
+from ..site import Conv1D, Site, adaptable, layout, op_spec, set_param, stored_weight
 from ..splice import (BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, base_caller, place, slot_prefix, splice,
                       tracer)
 from ..variant import SiteInfo, SiteInit
@@ -324,11 +323,7 @@ class ModuleScope(Scope):
             with torch.no_grad():
                 if folded is not None:
                     W, b = folded(path)
-                    w = stored_weight(W, site.layout, leaf.weight.shape).to(leaf.weight.dtype).contiguous()
-                    if path in untie:
-                        leaf.weight = nn.Parameter(w, requires_grad=leaf.weight.requires_grad)
-                    else:  # the same Parameter holds the folded tensor: no second pass over the weight to copy it in
-                        leaf.weight.data = w
+                    set_param(leaf, "weight", stored_weight(W, site.layout, leaf.weight.shape), new=path in untie)
                     if b is not None:
                         leaf.bias.copy_(b.to(leaf.bias.dtype))
                 elif site.replaced_base:
