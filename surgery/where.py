@@ -165,6 +165,18 @@ def _glob_match(tokens: list, path: str) -> bool:
     return j == len(tokens)
 
 
+def _glob_matcher(glob: str, entry: str) -> Callable[[str], bool]:
+    """A whole-path test for one brace-free glob. Its literal head and tail (before the first and after the
+    last wildcard) are checked first: most paths of a model fail on them, and the character-by-character
+    matcher costs about a hundred times more."""
+    tokens = _glob_tokens(glob, entry)
+    wild = [i for i, ch in enumerate(glob) if ch in "*?[]"]
+    head, tail = (glob[: wild[0]], glob[wild[-1] + 1 :]) if wild else (glob, "")
+    least = len(head) + len(tail)
+    return lambda p: (len(p) >= least and p.startswith(head) and p.endswith(tail)
+                      and _glob_match(tokens, p))
+
+
 def compile_one(entry) -> Pattern:
     if callable(entry) and not isinstance(entry, str):
         name = getattr(entry, "__name__", repr(entry))
@@ -186,10 +198,10 @@ def compile_one(entry) -> Pattern:
             ) from None
         return Pattern(entry, lambda p, m: rx.fullmatch(p) is not None, literal=False)
     _check_brace_size(entry)
-    alternatives = [_glob_tokens(a, entry) for a in _expand_braces(entry)]
-    return Pattern(entry, lambda p, m: any(_glob_match(t, p) for t in alternatives),
+    alternatives = [_glob_matcher(a, entry) for a in _expand_braces(entry)]
+    return Pattern(entry, lambda p, m: any(f(p) for f in alternatives),
                    literal=not (_GLOB_CHARS & set(entry)),
-                   alternatives=[lambda p, m, t=t: _glob_match(t, p) for t in alternatives])
+                   alternatives=[lambda p, m, f=f: f(p) for f in alternatives])
 
 
 def compile_where(where: Where) -> list[Pattern]:
