@@ -208,7 +208,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, sync:
 def ratio_stats(a: list[float], b: list[float]) -> dict[str, float]:
     """Median of the paired ratios a_i / b_i and its interquartile range (pairs ran back to back)."""
     r = sorted(x / y for x, y in zip(a, b))
-    q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0]] * 3
+    # inclusive: quartiles within the measured ratios (the default extrapolates past them on few pairs)
+    q = statistics.quantiles(r, n=4, method="inclusive") if len(r) >= 2 else [r[0]] * 3
     return {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
 
 

@@ -1,16 +1,21 @@
-"""The fixed costs around training, ours against PEFT's, on a model of a real size.
+"""The costs around training, ours against PEFT's, on a model of a real size.
 
     .venv/bin/python benchmarks/scale.py --size tiny                      # smoke (seconds)
     .venv/bin/python benchmarks/scale.py --size 0.6b --layers 8           # Qwen3-0.6B's shape, 8 layers
     .venv/bin/python benchmarks/scale.py --size 0.6b --growth 2,8,28 --variants lora
+    .venv/bin/python benchmarks/scale.py --size 0.6b --scope graph        # ours on surgery.trace's graph
 
 For each variant, both sides run interleaved in one process (ours first on even reps, PEFT first on odd
 ones) on copies of one random base, all seven projections of every layer: apply (``surgery.rewrite`` vs
-``get_peft_model``; PiSSA's SVD and EVA's calibration included), save, load onto a fresh copy of the base
-(``surgery.load`` vs ``PeftModel.from_pretrained``), merge (``surgery.merge`` vs ``merge_and_unload``), the
-file size, and the peak memory of apply and merge above the level before the call. A ratio is the median of
-the per-rep ratios ours / PEFT, with quartiles. ``--growth`` adds the apply cost per site as the number of
-layers grows. Training steps are ``benchmarks/speed.py``'s.
+``get_peft_model``; PiSSA's SVD and EVA's calibration, over 4 batches of 2 x 128 tokens, are part of it),
+one training step (AdamW, batch 1 x 256 tokens, after one warm-up step), save, merge
+(``surgery.merge`` vs ``merge_and_unload``), load onto a fresh copy of the base (``surgery.load`` vs
+``PeftModel.from_pretrained``), the file size, and the peak memory of apply, the step and merge above the
+level before the call. ``lora-4bit`` is LoRA on a copy of the base whose projections are bitsandbytes nf4
+layers, against PEFT's QLoRA on the same. A ratio is the median of the per-rep ratios ours / PEFT, with
+quartiles. ``--growth`` adds the apply cost per site as the number of layers grows. With ``--scope graph``
+our side works on the model traced once by ``surgery.trace`` (the trace itself is not timed: it is printed
+once), PEFT's on the model itself.
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ from common import ALL7, WHERE, Knobs, PeakMemory, markdown, med, mib, ratio_sta
 warnings.filterwarnings("ignore")
 
 SIZES = {  # Qwen3-0.6B: hidden 1024, intermediate 3072, 16 heads of 128, 8 KV heads, vocab 151,936, tied head
-    "tiny": dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=128, layers=2, reps=2),
-    "0.6b": dict(hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128, vocab=151936, layers=8, reps=5),
+    "tiny": dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=128, layers=2, reps=2, seq=16),
+    "0.6b": dict(hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128, vocab=151936, layers=8, reps=5,
+                 seq=256),
 }
-DEFAULT = "lora,dora,pissa,hra,ia3,eva"
+DEFAULT = "lora,dora,pissa,hra,ia3,eva,lora-4bit"
+QLORA = "lora-4bit"  # LoRA on the base with nf4 projections (bitsandbytes)
 
 
 def base_model(sz: dict, layers: int) -> torch.nn.Module:
@@ -49,6 +56,21 @@ def base_model(sz: dict, layers: int) -> torch.nn.Module:
                       num_hidden_layers=layers, num_attention_heads=sz["heads"], num_key_value_heads=sz["kv_heads"],
                       head_dim=sz["head_dim"], max_position_embeddings=256, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
+
+
+def quantised(base: torch.nn.Module) -> torch.nn.Module:
+    """The base with its projections as bitsandbytes nf4 layers (float32 compute), loaded as users load one."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as d:
+        base.save_pretrained(d)
+        return AutoModelForCausalLM.from_pretrained(d, quantization_config=config, dtype=torch.float32).eval()
+
+
+def train_batch(sz: dict) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, sz["vocab"], (1, sz["seq"]), generator=torch.Generator().manual_seed(2))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def calibration(sz: dict) -> list[dict[str, torch.Tensor]]:
@@ -63,10 +85,14 @@ def calibration(sz: dict) -> list[dict[str, torch.Tensor]]:
 
 
 class Side:
-    """One library's verbs on one variant."""
+    """One library's verbs on one variant; ``traced``: our side works on this graph of the base (graph scope)."""
 
-    def __init__(self, name: str, spec, knobs: Knobs, calib):
+    def __init__(self, name: str, spec, knobs: Knobs, calib, traced=None):
         self.name, self.spec, self.knobs, self.calib = name, spec, knobs, calib
+        self.traced = traced if name == "ours" else None
+
+    def fresh(self, base):
+        return copy.deepcopy(base if self.traced is None else self.traced)
 
     def apply(self, model):
         if self.name == "ours":
@@ -124,54 +150,78 @@ def timed(fn, mem: PeakMemory | None = None) -> tuple[float, int, object]:
     return box["s"], peak, box["out"]
 
 
-def one_rep(side: Side, base, mem: PeakMemory) -> dict[str, float]:
+def step_of(model, batch):
+    """One AdamW step as a closure (the optimizer lives with it)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    ids = batch["input_ids"]
+
+    def step():  # the next-token loss computed here: a traced graph takes only the inputs it was traced with
+        logits = model(**batch)["logits"]
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def one_rep(side: Side, base, mem: PeakMemory, batch) -> dict[str, float]:
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as where:
-        model = copy.deepcopy(base)
+        model = side.fresh(base)
         out["apply"], out["apply_mem"], model = timed(lambda: side.apply(model), mem)
+        step = step_of(model, batch)
+        step()  # warm-up: the optimizer's state, first-call costs
+        out["step"], out["step_mem"], _ = timed(step, mem)
+        step = None
+        model.eval()
+        gc.collect()
         out["save"], _, out["file"] = timed(lambda: side.save(model, where))
         out["merge"], out["merge_mem"], _ = timed(lambda: side.merge(model), mem)
         model = None
         gc.collect()
-        fresh = copy.deepcopy(base)
+        fresh = side.fresh(base)
         out["load"], _, _ = timed(lambda: side.load(fresh, where))
         fresh = None
         gc.collect()
     return out
 
 
-COSTS = ("apply", "save", "load", "merge")
+COSTS = ("apply", "step", "save", "load", "merge")
+PEAKS = ("apply_mem", "step_mem", "merge_mem")
 
 
-def bench_variant(spec, base, knobs: Knobs, calib, reps: int, mem: PeakMemory) -> dict:
-    sides = [Side("ours", spec, knobs, calib), Side("peft", spec, knobs, calib)]
+def bench_variant(spec, base, knobs: Knobs, calib, reps: int, mem: PeakMemory, batch, name: str,
+                  traced=None) -> dict:
+    sides = [Side("ours", spec, knobs, calib, traced), Side("peft", spec, knobs, calib)]
     runs: dict[str, list[dict]] = {"ours": [], "peft": []}
-    one_rep(sides[0], base, mem)  # warm-up: imports, first-call costs
-    one_rep(sides[1], base, mem)
+    one_rep(sides[0], base, mem, batch)  # warm-up: imports, first-call costs
+    one_rep(sides[1], base, mem, batch)
     for i in range(reps):
         for side in sides if i % 2 == 0 else sides[::-1]:
-            runs[side.name].append(one_rep(side, base, mem))
-    row: dict = {"variant": spec.name}
+            runs[side.name].append(one_rep(side, base, mem, batch))
+    row: dict = {"variant": name}
     for cost in COSTS:
         r = ratio_stats([x[cost] for x in runs["ours"]], [x[cost] for x in runs["peft"]])
         row[cost] = f"{r['median']:.2f} [{r['q1']:.2f}, {r['q3']:.2f}]"
         row[f"{cost}_s"] = f"{med([x[cost] for x in runs['ours']]):.3f} / {med([x[cost] for x in runs['peft']]):.3f}"
-    for cost in ("apply_mem", "merge_mem"):
+    for cost in PEAKS:
         row[cost] = f"{mib(med([x[cost] for x in runs['ours']])):.0f} / {mib(med([x[cost] for x in runs['peft']])):.0f}"
     row["file"] = f"{runs['ours'][0]['file'] / runs['peft'][0]['file']:.2f}"
     return row
 
 
-def growth(spec, sz: dict, layer_counts: list[int], knobs: Knobs, calib, reps: int) -> list[dict]:
+def growth(spec, sz: dict, layer_counts: list[int], knobs: Knobs, calib, reps: int, scope: str) -> list[dict]:
     """Apply cost per site (ms) as layers grow, ours and PEFT's."""
     rows = []
     for n in layer_counts:
         base = base_model(sz, n)
-        sides = [Side("ours", spec, knobs, calib), Side("peft", spec, knobs, calib)]
+        sides = [Side("ours", spec, knobs, calib, trace(base, scope)), Side("peft", spec, knobs, calib)]
         times: dict[str, list[float]] = {"ours": [], "peft": []}
         for i in range(reps + 1):
             for side in sides if i % 2 == 0 else sides[::-1]:
-                model = copy.deepcopy(base)
+                model = side.fresh(base)
                 t = time.perf_counter()
                 side.apply(model)
                 if i:  # the first round warms up
@@ -188,6 +238,20 @@ def growth(spec, sz: dict, layer_counts: list[int], knobs: Knobs, calib, reps: i
     return rows
 
 
+def trace(base, scope: str):
+    """The base as one GraphModule (graph scope), or None (module scope)."""
+    if scope != "graph":
+        return None
+    import surgery
+
+    ids = torch.randint(0, 100, (2, 8))
+    t = time.perf_counter()
+    gm = surgery.trace(base, input_ids=ids, attention_mask=torch.ones_like(ids))
+    print(f"(surgery.trace of {sum(1 for _ in base.modules())} modules: {time.perf_counter() - t:.2f} s, once)",
+          flush=True)
+    return gm
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -198,16 +262,22 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default=DEFAULT, help=f"comma list (default {DEFAULT})")
     ap.add_argument("--growth", default="", help="comma list of layer counts for the per-site apply cost")
     ap.add_argument("--skip-table", action="store_true", help="only the growth lines")
+    ap.add_argument("--scope", choices=("module", "graph"), default="module", help="our side's scope (default module)")
     args = ap.parse_args(argv)
     if args.quick:
         args.size = "tiny"
     sz = SIZES[args.size]
-    result: dict = {"size": args.size, "machine": common.machine(torch.device("cpu")), "table": [], "growth": []}
+    result: dict = {"size": args.size, "scope": args.scope, "machine": common.machine(torch.device("cpu")), "table": [],
+                    "growth": []}
     reps = args.reps or sz["reps"]
     knobs = Knobs(r=16 if args.size != "tiny" else 4, alpha=32.0)
-    specs = [s for s in common.available(args.variants) if s.peft is not None]
+    names = [v.strip().lower() for v in args.variants.split(",") if v.strip()]
+    qlora = QLORA in names and args.scope == "module"  # graph scope cannot trace bitsandbytes layers
+    specs = [s for s in common.available(",".join(v for v in names if v != QLORA)) if s.peft is not None]
     mem = PeakMemory(torch.device("cpu"))
-    print(f"# scale benchmark: size {args.size}, {reps} reps, {common.machine(torch.device('cpu'))}", flush=True)
+    print(f"# scale benchmark: size {args.size}, {args.scope} scope, {reps} reps, "
+          f"{common.machine(torch.device('cpu'))}", flush=True)
+    batch = train_batch(sz)
     if not args.skip_table:
         layers = args.layers or sz["layers"]
         base = base_model(sz, layers)
@@ -216,12 +286,18 @@ def main(argv=None) -> None:
               "median [quartiles]; seconds and MiB as ours / PEFT\n", flush=True)
         calib = calibration(sz)
         cols = [("variant", "variant")] + [(c, c) for c in COSTS] + [(f"{c}_s", f"{c} s") for c in COSTS]
-        cols += [("apply_mem", "apply peak MiB"), ("merge_mem", "merge peak MiB"), ("file", "file size")]
+        cols += [(p, p.replace("_mem", " peak MiB")) for p in PEAKS] + [("file", "file size")]
         print("\n".join(markdown([], cols).splitlines()[:2]), flush=True)
+        traced = trace(base, args.scope)
         rows = []
         for spec in specs:  # a row as soon as it is measured: the slow variants (PiSSA, EVA) take minutes each
-            rows.append(bench_variant(spec, base, knobs, calib, reps, mem))
+            rows.append(bench_variant(spec, base, knobs, calib, reps, mem, batch, spec.name, traced))
             print(markdown(rows[-1:], cols).splitlines()[2], flush=True)
+        if qlora:
+            lora = common.available("lora")[0]
+            rows.append(bench_variant(lora, quantised(base), knobs, calib, reps, mem, batch, "LoRA 4-bit"))
+            print(markdown(rows[-1:], cols).splitlines()[2], flush=True)
+        traced = None
         result["table"], result["layers"] = rows, layers
         del base
         gc.collect()
@@ -230,12 +306,12 @@ def main(argv=None) -> None:
         print("\n## apply cost per site as layers grow\n", flush=True)
         rows = []
         for spec in specs:
-            rows += growth(spec, sz, counts, knobs, calibration(sz), reps=max(1, reps // 2))
+            rows += growth(spec, sz, counts, knobs, calibration(sz), reps=max(1, reps // 2), scope=args.scope)
         print(markdown(rows, [(k, k) for k in ("variant", "layers", "sites", "ours_ms_per_site", "peft_ms_per_site",
                                                "ratio")]), flush=True)
         result["growth"] = rows
     out = args.out or (None if args.quick else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                            "scale-cpu.json"))
+                                                            f"scale-cpu{'-graph' if args.scope == 'graph' else ''}.json"))
     if out:
         common.write_json(out, result)
 

@@ -71,16 +71,25 @@ def test_quality_quick_has_a_row_per_variant(tmp_path):
 
 
 def test_scale_quick_has_every_cost_per_variant(tmp_path):
-    stdout, data = run_script("scale", tmp_path, "--variants", "lora,ia3,eva", "--growth", "1,2")
+    stdout, data = run_script("scale", tmp_path, "--variants", "lora,ia3,eva,lora-4bit", "--growth", "1,2")
     rows = table_rows(stdout)
-    assert {"LoRA", "IA3", "EVA"} <= set(rows), stdout
-    assert [r["variant"] for r in data["table"]] == ["LoRA", "EVA", "IA3"]
+    assert {"LoRA", "IA3", "EVA", "LoRA 4-bit"} <= set(rows), stdout
+    assert [r["variant"] for r in data["table"]] == ["LoRA", "EVA", "IA3", "LoRA 4-bit"]
     for r in data["table"]:
-        for cost in ("apply", "save", "load", "merge"):
+        for cost in ("apply", "step", "save", "load", "merge"):
             median = float(r[cost].split()[0])
             assert median > 0, (r["variant"], cost, r[cost])
+        for peak in ("apply_mem", "step_mem", "merge_mem"):
+            assert len(r[peak].split(" / ")) == 2, (r["variant"], peak, r[peak])
     assert [(g["variant"], g["sites"]) for g in data["growth"]] == [(v, n) for v in ("LoRA", "EVA", "IA3")
                                                                      for n in (7, 14)]
+
+
+def test_scale_quick_in_graph_scope(tmp_path):
+    stdout, data = run_script("scale", tmp_path, "--variants", "lora", "--scope", "graph", "--growth", "1")
+    assert data["scope"] == "graph" and [r["variant"] for r in data["table"]] == ["LoRA"]
+    assert "surgery.trace of" in stdout
+    assert float(data["table"][0]["merge"].split()[0]) > 0 and data["growth"][0]["sites"] == 7
 
 
 def test_fsdp_memory_quick_has_both_sides_on_every_rank(tmp_path):
