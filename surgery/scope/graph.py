@@ -297,6 +297,15 @@ class GraphScope(Scope):
     def parameters(self) -> dict[str, nn.Parameter]:
         return parameters({"": _state(self.model)["modules"][""], **self.candidates()})
 
+    def _names_parameter(self, path: str) -> bool:
+        """``path in self.parameters()``, looking at its owner only: base() asks once per site, and building
+        every Parameter's path each time made a rewrite quadratic in the size of the model."""
+        owner, _, name = path.rpartition(".")
+        mod = _state(self.model)["modules"].get(owner)
+        if mod is None or any(owner.startswith(p + ".") for p in self._records):
+            return False
+        return path in parameters({owner: mod})
+
     def adaptable(self) -> set[str]:
         # adaptable classes the graph never runs are included, so that naming one is refused by base() with
         # the reason, instead of "no variant can adapt a Linear"; so are Parameters, which base() refuses
@@ -314,7 +323,7 @@ class GraphScope(Scope):
             rec = self._records[path]
             return Base(path, rec.layout, rec.base_class, self.model.get_submodule(path),
                         site=GraphSite(self.model, rec, self.model.get_submodule(path)), spec=rec.spec)
-        if path in self.parameters():
+        if self._names_parameter(path):
             raise ConfigError(
                 f"{path} is a Parameter, and a graph-scope site is a region of the traced graph around one call of a "
                 f"layer, while a parameter site replaces the Parameter by its fold wherever it is read. Adapt it in "
