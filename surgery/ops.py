@@ -659,10 +659,14 @@ def _fold_checked(scope: Scope, site: SiteAPI) -> tuple[torch.Tensor, torch.Tens
 
 
 def _finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``: its min and max (NaN propagates through both) in one pass, no mask allocated."""
+    """No NaN or Inf in ``t``. Its sum first (NaN and Inf propagate through it, and a sum is about twice as
+    fast as aminmax); a sum that overflows (large half-precision weights) is settled by the min and max."""
     if t.numel() == 0:
         return True
-    lo, hi = torch.aminmax(t.detach())
+    t = t.detach()
+    if torch.isfinite(t.sum()):
+        return True
+    lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 

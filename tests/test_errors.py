@@ -348,6 +348,15 @@ def poison(model, value):
     return model
 
 
+def overflowing(model):
+    """Finite adapter tensors whose product is not: the fold itself overflows (1e30 * 1e30)."""
+    t = surgery.sites(model)[FIFTH].adapter_tensors()
+    with torch.no_grad():
+        t["lora_A"][0] = 1e30
+        t["lora_B"][0, 0] = 1e30
+    return model
+
+
 def meta_toy(scope: str = "module"):
     with torch.device("meta"):
         m = Toy()
@@ -495,6 +504,7 @@ CASES = [
     # --- merge / restore / save ---
     Bad("merge-nan", lambda t, s: poison(adapted(scope=s), float("nan")), lambda m, t, s: surgery.merge(m), E.NonFiniteError, (FIFTH, "NaN or Inf", "lora_B", "left unchanged")),
     Bad("merge-inf", lambda t, s: poison(adapted(scope=s), float("inf")), lambda m, t, s: surgery.merge(m), E.NonFiniteError, (FIFTH, "lora_B")),
+    Bad("merge-overflow", lambda t, s: overflowing(adapted(scope=s)), lambda m, t, s: surgery.merge(m), E.NonFiniteError, (FIFTH, "NaN or Inf in weight", "left unchanged")),
     Bad("merge-bad-fold-at-fifth-site", lambda t, s: adapted(v=BadFoldAtFifth(r=2), scope=s), lambda m, t, s: surgery.merge(m), E.VariantContractError, ("BadFoldAtFifth", FIFTH, "(8, 7)", "(8, 8)", "left unchanged")),
     Bad("merge-meta", lambda t, s: adapted_meta(s), lambda m, t, s: surgery.merge(m), E.MetaDeviceError, ("meta device", "layers.0.k_proj")),
     Bad("save-meta", lambda t, s: adapted_meta(s), lambda m, t, s: surgery.save(m, t / "m.safetensors"), E.MetaDeviceError, ("meta device", "lora_A")),
@@ -700,6 +710,19 @@ def test_half_bases_get_float32_adapters(dtype, scope):
         assert s.weight.dtype == dtype
         assert {t.dtype for t in s.adapter_tensors().values()} == {torch.float32}
     assert m(torch.randn(3, 8, dtype=dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_merge_takes_large_finite_weights(scope):
+    """Entries of 1e37 are finite but their sum is not: merge's check of W' looks at values, not at a sum."""
+    m = scoped_toy(scope)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(1e37)
+    surgery.rewrite(m, LoRA(r=2), "*_proj")
+    surgery.merge(m)
+    assert not surgery.sites(m)
+    assert all((p == 1e37).all() for p in m.parameters())  # B = 0: W' is W
 
 
 @pytest.mark.parametrize("scope", SCOPES)
