@@ -382,6 +382,14 @@ def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit, nam
         if ref is None:
             ref = base.output(x)
         if not torch.isfinite(ref).all():  # not the variant's fault: say so instead of blaming its init
+            held = [t for t in (base.weight, base.bias) if t is not None and t.is_floating_point()]
+            if all(_finite(t) for t in held):
+                raise NonFiniteError(
+                    f"the base output of {base.path} overflows {_dt(ref.dtype)} on a random input of unit scale "
+                    f"(its weights are finite, but as large as {max(t.abs().max().item() for t in held):.3g}), so no "
+                    f"adapter there can be checked to start as the identity. Rescale or upcast the model (e.g. "
+                    f"model.float()); the {scope.noun} was left unchanged."
+                )
             raise NonFiniteError(
                 f"the base weight or bias of {base.path} holds NaN or Inf, so no adapter there can start as the "
                 f"identity. Fix or reload the base checkpoint; the {scope.noun} was left unchanged."

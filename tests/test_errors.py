@@ -348,6 +348,15 @@ def poison(model, value):
     return model
 
 
+def huge_half(scope: str):
+    """A float16 toy with finite weights of 6e4: its layers' outputs overflow float16."""
+    m = scoped(scope, toy().to(torch.float16), 8, dtype=torch.float16)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(6e4)
+    return m
+
+
 def overflowing(model):
     """Finite adapter tensors whose product is not: the fold itself overflows (1e30 * 1e30)."""
     t = surgery.sites(model)[FIFTH].adapter_tensors()
@@ -441,6 +450,7 @@ CASES = [
     Bad("no-match", fresh, rw(LoRA(), "*.k_projj"), E.NoMatchError, ("'*.k_projj'", "matches no module", "'*.k_proj'")),
     Bad("no-match-bare-name", fresh, rw(LoRA(), "k_proj"), E.NoMatchError, ("'k_proj'", "write '*.k_proj'", "surgery.plan")),
     Bad("one-of-list-no-match", fresh, rw(LoRA(), ["*.k_proj", "*.q_proj"]), E.NoMatchError, ("'*.q_proj'", "Closest real paths")),
+    Bad("half-base-overflows", lambda t, s: huge_half(s), rw(LoRA(), "*_proj"), E.NonFiniteError, ("overflows float16", "finite", "model.float()", "left unchanged")),
     Bad("layernorm-only-glob", fresh, rw(LoRA(), "*.norm"), E.UnsupportedModuleError, ("LayerNorm", "layers.0.norm", "nn.Linear")),
     Bad("layernorm-literal", fresh, rw(LoRA(), "layers.1.norm"), E.UnsupportedModuleError, ("layers.1.norm (LayerNorm)", "layers.0.k_proj")),
     # a module with a weight that is not a linear layer: refused by the same error in both scopes
