@@ -206,12 +206,12 @@ def _same_sample(saved: list[float], now: list[float], saved_dtype: str, now_dty
     """Equal values, compared in the coarser of the two dtypes (a float32 file on a bfloat16 base)."""
     if len(saved) != len(now):
         return False
-    a, b = torch.tensor(saved, dtype=torch.float32), torch.tensor(now, dtype=torch.float32)
     coarse = [d for d in (getattr(torch, saved_dtype, None), now_dtype)
               if isinstance(d, torch.dtype) and d.is_floating_point and torch.finfo(d).bits < 32]
-    if coarse:
-        dt = max(coarse, key=lambda d: torch.finfo(d).eps)
-        a, b = a.to(dt), b.to(dt)
+    if not coarse:  # both float32 values as Python floats: equal lists, without building tensors per site
+        return saved == now
+    dt = max(coarse, key=lambda d: torch.finfo(d).eps)
+    a, b = torch.tensor(saved, dtype=torch.float32).to(dt), torch.tensor(now, dtype=torch.float32).to(dt)
     return torch.equal(a, b)
 
 
