@@ -101,3 +101,9 @@ class Spill:
         out = Spilled(self._file, self._end, host.shape, host.dtype, t.device)
         self._end += host.nbytes
         return out
+
+    def close(self) -> None:
+        """Give the file's space back (the call is over, committed or not)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

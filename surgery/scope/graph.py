@@ -383,6 +383,8 @@ class GraphScope(Scope):
         except BaseException:
             self.uncommit(txn)
             raise
+        finally:
+            txn.spill.close()
 
     def uncommit(self, txn: Txn) -> None:
         self._found = None

@@ -290,6 +290,8 @@ class ModuleScope(Scope):
         except BaseException:
             self.uncommit(txn, done)
             raise
+        finally:
+            txn.spill.close()
 
     def uncommit(self, txn: Txn, paths: list[str] | None = None) -> None:
         for path in list(txn.staged) if paths is None else paths:
