@@ -14,9 +14,10 @@ Fold: W' = W_res + s B A (LoRA's fold on the residual base). The engine keeps th
 ``init`` calls ``replace_weight``, so ``surgery.restore`` gives it back bitwise, and ``surgery.disabled``
 and a strength of 0 run exactly the base (W is not recomputed as W_res + s B0 A0, which would round). On a
 CPU model (module scope) each kept W lives in an unlinked temporary file in ``tempfile.gettempdir()``,
-mapped back (surgery/offload.py): it costs disk, not memory, until something reads it; the residuals
-also wait there until the rewrite commits, so applying holds about one weight's residual at a time.
-Point TMPDIR at a disk with room for about twice the adapted weights (a tmpfs /tmp is memory again).
+mapped back (surgery/offload.py): it costs disk, not memory, until something reads it (a cast of the
+model to another dtype or device makes an ordinary copy again). The residuals also wait in a file until
+the rewrite commits, so applying holds about one weight's residual at a time. Point TMPDIR at a disk
+with room for about twice the adapted weights (a tmpfs /tmp is memory again).
 Graph scope keeps the eager model's own W, no copy; on a GPU, W stays a copy on the device.
 Requires: the dense base weight; r <= min(d_in, d_out).
 
