@@ -10,8 +10,15 @@ A LoRA whose factors start as the top-r singular part of W, with the base holdin
 
 Identity at init: up to rounding W_res to the base dtype. Measured max |dy| / max |y| on the tiny
 test models: at most 2.4e-7 in float32 and 5.2e-3 on a bfloat16 base (tests/test_pissa.py).
-Fold: W' = W_res + s B A (LoRA's fold on the residual base); ``surgery.restore`` gives the original
-W back bitwise, because the engine keeps the original whenever ``init`` calls ``replace_weight``.
+Fold: W' = W_res + s B A (LoRA's fold on the residual base). The engine keeps the original W whenever
+``init`` calls ``replace_weight``, so ``surgery.restore`` gives it back bitwise, and ``surgery.disabled``
+and a strength of 0 run exactly the base (W is not recomputed as W_res + s B0 A0, which would round). On a
+CPU model (module scope) each kept W lives in an unlinked temporary file in ``tempfile.gettempdir()``,
+mapped back (surgery/offload.py): it costs disk, not memory, until something reads it (a cast of the
+model to another dtype or device makes an ordinary copy again). The residuals also wait in a file until
+the rewrite commits, so applying holds about one weight's residual at a time. Point TMPDIR at a disk
+with room for about twice the adapted weights (a tmpfs /tmp is memory again).
+Graph scope keeps the eager model's own W, no copy; on a GPU, W stays a copy on the device.
 Requires: the dense base weight; r <= min(d_in, d_out).
 
 As PEFT's ``init_lora_weights="pissa"`` / ``"pissa_niter_N"`` (dividing S by s goes beyond the

@@ -239,7 +239,8 @@ class SiteRecord:
     adapters: dict[str, Adapter]  # by name, in the order they were added
     active: tuple[str, ...]  # the adapters the forward runs, in that order
     # the variant replaced the base weight (PiSSA's residual); the original is kept on the site's module as the
-    # non-persistent buffer ``surgery_base_weight`` (storage layout), so that it follows model.to(dtype / device)
+    # non-persistent buffer ``surgery_base_weight`` (storage layout), so that it follows model.to(dtype / device);
+    # in module scope on the CPU it maps an unlinked temporary file (surgery/offload.py), so it holds no memory
     replaced: bool = False
     # names of the site's input, base output and adapted output nodes (in the site's graph, or the model's);
     # y is "" when the variant never reads the base output and the base op was dropped from the graph

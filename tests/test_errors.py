@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
+import itertools
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -33,6 +38,7 @@ import surgery
 from adapters import REGISTRY, LoRA
 from models import SCOPES, in_scope
 from surgery import errors as E
+from surgery import offload
 
 
 # ----- a tiny model with real-looking names: 7 linear sites (6 in blocks, then head), 3 LayerNorms -----
@@ -433,6 +439,23 @@ def rw(v, where, **kw):
     return lambda m, tmp, scope: surgery.rewrite(m, v, where, **kw)
 
 
+def disk_full_at(n: int):
+    """A PiSSA rewrite whose n-th write to a temporary file (a staged residual or a kept original) finds the disk full."""
+
+    def call(m, tmp, scope):
+        real, count = offload._write, itertools.count(1)
+
+        def write(f, t):
+            if next(count) == n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real(f, t)
+
+        with mock.patch.object(offload, "_write", write):
+            surgery.rewrite(m, variant("PiSSA", r=2), "*_proj")
+
+    return call
+
+
 def fresh(tmp, scope):
     return scoped_toy(scope)
 
@@ -485,6 +508,8 @@ CASES = [
     # module only: the call passes a dict in place of the row's model, so there is no scope to vary
     Bad("model-not-module", fresh, lambda m, t, s: surgery.rewrite({"w": 1}, LoRA(), "*"), E.WhereTypeError, ("torch.nn.Module", "dict"), MODULE_ONLY),
     Bad("pissa-r-above-svd", fresh, lambda m, t, s: surgery.rewrite(m, variant("PiSSA", r=9), "*_proj"), E.ConfigError, ("r=9", "min(d_in, d_out)=8", "r <= 8")),
+    Bad("pissa-disk-full", fresh, disk_full_at(1), E.ConfigError, ("the new base weight of layers.0.k_proj (256 bytes)", tempfile.gettempdir(), os.strerror(errno.ENOSPC), "TMPDIR", "left unchanged")),
+    Bad("pissa-disk-full-half-way", fresh, disk_full_at(5), E.ConfigError, ("base weight of layers.", os.strerror(errno.ENOSPC), "TMPDIR")),
     Bad("antipasto-r-above-svd", fresh, lambda m, t, s: surgery.rewrite(m, variant("AntiPaSTO", r=9), "*.k_proj"), E.ConfigError, ("r=9", "r <= 8")),
     # a rank above both sides of the weight is refused before anything is allocated (HRA once took 82 s and 16 GB)
     *[

@@ -1,16 +1,21 @@
 """PiSSA: init equals PEFT's ``init_lora_weights="pissa"`` (A0, B0, residual W), outputs equal PEFT's
-after the same adapter values, identity error on float32 and bf16 bases, reproducible ``niter``."""
+after the same adapter values, identity error on float32 and bf16 bases, reproducible ``niter``; the originals
+the residuals replace stay out of memory and come back bit for bit."""
 
 import copy
+import errno
+import os
 
 import pytest
 import torch
 
 import surgery
 from adapters import PiSSA
-from models import GPT2, LLAMA, TINY, rel_err
+from models import GPT2, LLAMA, SCOPES, TINY, in_scope, randomise_adapters, rel_err
 from peft_twin import assert_same_outputs, copy_from_peft, peft_model, randomise_peft
 from surgery.errors import ConfigError
+from surgery.offload import Spilled
+from test_errors import assert_unchanged, snapshot
 
 
 def peft_layer(pm, path):
@@ -99,3 +104,87 @@ def test_rank_must_fit_the_weight():
 def test_bad_niter():
     with pytest.raises(ConfigError, match="niter"):
         PiSSA(r=4, niter=-1)
+
+
+def mapping_of(t: torch.Tensor) -> str:
+    """The pathname of the mapping that holds ``t``'s memory, from /proc/self/maps ("" for anonymous memory)."""
+    addr = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(a, 16) for a in fields[0].split("-"))
+        if lo <= addr < hi:
+            return fields[5].strip() if len(fields) == 6 else ""
+    raise AssertionError(f"no mapping holds address {addr:#x}")
+
+
+def kept_out_of_memory(model, eager, scope: str) -> None:
+    """Module scope: each kept original is a private mapping of an unlinked temporary file. Graph scope: it is
+    the eager model's own tensor (the record's original module holds that anyway), not a copy."""
+    sites = surgery.sites(model)
+    assert sites and all(s.replaced_base for s in sites.values())
+    for path, site in sites.items():
+        kept = site.kept_weight
+        if scope == "module":
+            where = mapping_of(kept)
+            assert "surgery-kept-" in where and where.endswith("(deleted)"), f"{path}'s original is in {where!r}"
+        else:
+            assert kept.data_ptr() == eager.get_submodule(path).weight.data_ptr(), f"{path}'s original was copied"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", [LLAMA, GPT2], ids=lambda f: f.name)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_kept_originals_stay_out_of_memory_and_come_back_exactly(scope, family, dtype):
+    eager = family.model(dtype=dtype)
+    x = family.inputs()
+    want = family.out(eager, x)
+    model = in_scope(scope, eager, **x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fds = set(os.listdir("/proc/self/fd"))
+    surgery.rewrite(model, PiSSA(r=4, alpha=8), family.where)
+    assert set(os.listdir("/proc/self/fd")) <= fds, "the staged residuals' file outlived the rewrite"
+    randomise_adapters(model)
+    kept_out_of_memory(model, eager, scope)
+    assert not torch.equal(family.out(model, x), want), "the adapter changes nothing: the checks below prove nothing"
+
+    with surgery.disabled(model):
+        assert torch.equal(family.out(model, x), want)
+    surgery.set_scale(model, 0.0)
+    assert torch.equal(family.out(model, x), want)
+    surgery.set_scale(model, 1.0)
+
+    model.to("cpu").to(dtype)  # a no-op cast keeps the files
+    kept_out_of_memory(model, eager, scope)
+    copied = copy.deepcopy(model)
+    surgery.restore(copied)
+    assert all(torch.equal(v, before[k]) for k, v in copied.state_dict().items())
+
+    model.to(torch.float64)
+    surgery.restore(model)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], v.double()) if v.is_floating_point() else torch.equal(after[k], v)
+               for k, v in before.items())
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_read_failing_mid_commit_leaves_the_model_unchanged(scope, monkeypatch):
+    """The residuals wait in a file until commit; a read that fails there, after two sites took theirs, puts
+    the originals back."""
+    family = LLAMA
+    model = in_scope(scope, family.model(), **family.inputs())
+    snap = snapshot(model)
+    real, calls = Spilled.load, []
+
+    def load(self):
+        calls.append(self)
+        if len(calls) == 9:  # the six sites' identity probes, then the third commit
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(Spilled, "load", load)
+    with pytest.raises(OSError, match="Input/output error"):
+        surgery.rewrite(model, PiSSA(r=4), family.where)
+    assert len(calls) == 9 and len({id(c) for c in calls}) == 6, "not the commit's read: the test proves nothing"
+    assert_unchanged(model, snap)

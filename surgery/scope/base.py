@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import quant
+from ..offload import Spill, Spilled
 from ..site import Adapter, SiteAPI, SiteRecord, base_output, linear_weight
 from ..splice import Part
 from ..variant import SiteInit
@@ -87,7 +88,9 @@ class Staged:
     # (N, d_in) -> (adapted output in eval mode, the base output computed on the way, or None where the site
     # never computes it from the original weight): the probe then reads each weight once instead of twice
     probe: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
-    new_weight: torch.Tensor | None = None  # replacement base weight (storage layout), if the variant asked
+    # the replacement base weight (storage layout) if the variant asked, out of memory until commit: a call stages
+    # every site before it commits any, and would otherwise hold all of them at once
+    new_weight: Spilled | None = None
 
 
 def unmodified(y: torch.Tensor | None) -> torch.Tensor | None:
@@ -129,6 +132,7 @@ class Txn:
     def __init__(self):
         self.staged: dict[str, Staged] = {}
         self.previous: dict[str, Any] = {}  # what was at each path before commit (scope-specific)
+        self.spill = Spill()  # the staged replacement weights
 
     def stage(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
         raise NotImplementedError

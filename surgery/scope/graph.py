@@ -223,9 +223,11 @@ class GraphTxn(Txn):
         holder = _holder(original)
         if base.site is not None:  # the live base tensors (FSDP2 or load_state_dict(assign=True) may have new ones)
             holder._parameters["weight"], holder._parameters["bias"] = base.site.weight, base.site.bias
-        if ctx.new_weight is not None:  # a new Parameter: the shared original stays untouched for restore
-            w = stored_weight(ctx.new_weight, reg.layout, holder.weight.shape).to(holder.weight.dtype).contiguous()
-            holder.weight = nn.Parameter(w, requires_grad=False)
+        replacement = None
+        if ctx.new_weight is not None:  # a new Parameter at commit: the shared original stays untouched for restore
+            w = stored_weight(ctx.new_weight, reg.layout, holder.weight.shape).to(holder.weight.dtype)
+            replacement = self.spill.put(w, f"the new base weight of {path}")
+            # the eager model's own tensor, no copy: the record's original module holds it anyway
             holder.register_buffer(BASE_WEIGHT, original.weight.detach(), persistent=False)
         stack, tensors, modules = place(holder, parts, holder.weight)
         for m in modules.values():  # the mode of the user's module (an exported GraphModule is always "training")
@@ -259,17 +261,21 @@ class GraphTxn(Txn):
 
         def probe(x_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             modes = [(m, m.training) for m in holder.modules()]  # the region shares the holder
+            weight = holder._parameters["weight"]
             try:
+                if replacement is not None:  # until commit, the holder keeps the original
+                    holder._parameters["weight"] = nn.Parameter(replacement.load(), requires_grad=False)
                 root, g = _region([*read, *new], x, reg.y, out, holder, path)
                 with torch.no_grad():
                     y = base_output(x_, holder.weight, holder.bias, rec.layout, rec.spec)
                     got = fx.Interpreter(root.eval(), graph=g).run(x_, y)  # no code generated for a probe
                     return got, (None if rec.replaced else unmodified(y))
             finally:
+                holder._parameters["weight"] = weight
                 for m, mode in modes:
                     m.training = mode
 
-        staged = Staged(site, probe)
+        staged = Staged(site, probe, replacement)
         self.staged[path] = staged
         return staged
 
@@ -370,6 +376,8 @@ class GraphScope(Scope):
         txn.inputs_before = {p: r.x for p, r in self._records.items()}
         try:
             for path, st in txn.staged.items():
+                if st.new_weight is not None:
+                    st.site.holder.weight = nn.Parameter(st.new_weight.load(), requires_grad=False)
                 self.put(path, st.site.holder)
                 st.site._graph = None  # from now on the site reads the GraphModule's graph
             txn.graph.lint()
@@ -384,6 +392,8 @@ class GraphScope(Scope):
         except BaseException:
             self.uncommit(txn)
             raise
+        finally:
+            txn.spill.close()
 
     def uncommit(self, txn: Txn) -> None:
         self._found = None

@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 from .. import quant
 from ..errors import UnsupportedModuleError
+from ..offload import keep
 from ..param import ParamSite, adaptable_parameter, attach, detach, layout_of_parameter, owns_sites, parameters
 from ..site import Conv1D, Site, adaptable, layout, op_spec, set_param, stored_weight
 from ..splice import (BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, base_caller, place, slot_prefix, splice,
@@ -153,8 +154,12 @@ class ModuleTxn(Txn):
         if base.param:
             return self._stage_param(base, parts, ctx)
         site = build_site(base, parts, ctx, self.templates)
-        new = None if ctx.new_weight is None else stored_weight(ctx.new_weight, base.layout,
-                                                                base.weight.shape).to(base.weight.dtype)
+        new = None
+        if ctx.new_weight is not None:  # the leaf's Parameter takes it at commit; the site keeps the original
+            what = f"base weight of {base.path}"
+            new = self.spill.put(stored_weight(ctx.new_weight, base.layout, base.weight.shape).to(base.weight.dtype),
+                                 f"the new {what}")
+            site.register_buffer(BASE_WEIGHT, keep(base.weight, f"the original {what}"), persistent=False)
 
         def probe(x: torch.Tensor) -> tuple[torch.Tensor, None]:
             was = site.training
@@ -162,7 +167,7 @@ class ModuleTxn(Txn):
             packing = quant.hold_packing(base.module) if base.quant else None  # the user's base, untouched
             try:
                 with torch.no_grad():
-                    return (site(x) if new is None else functional_call(site, {"weight": new}, (x,))), None
+                    return (site(x) if new is None else functional_call(site, {"weight": new.load()}, (x,))), None
             finally:
                 site.train(was)
                 quant.release_packing(base.module, packing)
@@ -279,14 +284,14 @@ class ModuleScope(Scope):
                 done.append(path)
                 if st.site.record.quant and not isinstance(txn.previous[path], Site):
                     st.site.record.packing = quant.hold_packing(st.site.base)
-                if st.new_weight is not None:  # the leaf's own Parameter takes the new values; keep the old ones
-                    st.site.register_buffer(BASE_WEIGHT, st.site.weight.detach().clone(), persistent=False)
-                    st.site.record.replaced = True
+                if st.new_weight is not None:  # the leaf's own Parameter takes the new values (the site kept the old)
                     with torch.no_grad():
-                        st.site.weight.copy_(st.new_weight)
+                        st.site.weight.copy_(st.new_weight.load())
         except BaseException:
             self.uncommit(txn, done)
             raise
+        finally:
+            txn.spill.close()
 
     def uncommit(self, txn: Txn, paths: list[str] | None = None) -> None:
         for path in list(txn.staged) if paths is None else paths:
