@@ -17,19 +17,23 @@ Fold: W' = W + s B A (LoRA's).
 Requires: calibration batches, ``surgery.rewrite(model, EVA(r=8), where, calibration=batches)``;
 more than r_i unmasked tokens per site (mean-centring uses one degree of freedom); r <= d_in.
 
-Statistics stream: per site a token count, a sum (d_in) and a Gram matrix X^T X (d_in, d_in), in
-float64, so memory is 8 d_in^2 bytes per site whatever the number of batches, and the PCA is exact
-(an eigendecomposition of the centred covariance). Deviations from PEFT: PEFT runs an approximate
-IncrementalPCA (randomised, cycled until the components' cosines reach tau) and shares one PCA
-between sites with identical inputs; ours is exact in one pass, so there is no tau, and shared
-inputs give equal PCAs by construction. No label mask (only the attention mask drops tokens), no
+Statistics stream: per distinct input a token count, a sum (d_in) and a Gram matrix X^T X (d_in, d_in),
+in float64, so calibration holds 8 d_in^2 bytes per distinct input whatever the number of batches. Sites
+that read the same tensor share one statistic (q, k and v of an attention, gate and up of an MLP: one Gram
+each), verified batch by batch by surgery/calibrate.py; the shared statistic is the one each site would
+have built alone, so A is the same. configure then decomposes the statistics one at a time, exactly (an
+eigendecomposition of the centred covariance), keeps the eigenvalues and the top round(rho * r) eigenvectors
+and frees the Gram: the peak is the Grams of all distinct inputs plus one decomposition (about three
+d_in^2 float64 matrices), and what stays until init is 8 (round(rho * r) + 1) d_in bytes per input.
+Deviations from PEFT: PEFT runs an approximate IncrementalPCA (randomised, cycled until the components'
+cosines reach tau) and decides which sites share a PCA from hashes of their first batch only; ours is
+exact in one pass, so there is no tau. No label mask (only the attention mask drops tokens), no
 whitening. Loading needs no data: init returns placeholders that the file overwrites.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,21 +43,31 @@ from .lora import LoRA
 from surgery.errors import CalibrationError, ConfigError
 
 
-@dataclass
+@dataclass(eq=False)
 class Moments:
-    """Streaming first and second moments of one site's input rows."""
+    """Streaming first and second moments of one input's rows (shared by the sites that read it); after
+    ``principal``, the covariance's eigenvalues and leading eigenvectors in their place."""
 
     n: int
-    total: torch.Tensor  # (d_in,) float64
-    gram: torch.Tensor  # (d_in, d_in) float64
+    total: torch.Tensor | None  # (d_in,) float64, until principal
+    gram: torch.Tensor | None  # (d_in, d_in) float64, until principal
+    values: torch.Tensor | None = None  # (d_in,) descending, from principal on
+    rows: torch.Tensor | None = None  # (k, d_in) the top k eigenvectors as rows, from principal on
 
-    @functools.cached_property
-    def pca(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (d_in,) descending and eigenvectors as rows (d_in, d_in) of the covariance."""
-        mean = self.total / self.n  # (d_in,)
-        cov = (self.gram - self.n * torch.outer(mean, mean)) / max(self.n - 1, 1)  # (d_in, d_in)
-        vals, vecs = torch.linalg.eigh(cov)  # ascending
-        return vals.flip(0).clamp_min(0), vecs.flip(1).t()
+    def principal(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (d_in,) descending and the top k eigenvectors as rows (<= k, d_in) of the covariance. The
+        first call decomposes it and frees the Gram; later calls return what it kept, for any k up to the first."""
+        if self.rows is None:
+            mean = self.total / self.n  # (d_in,)
+            cov = self.gram  # the Gram is not needed again: centre and scale it in place
+            cov -= self.n * torch.outer(mean, mean)
+            cov /= max(self.n - 1, 1)
+            self.total = self.gram = None
+            vals, vecs = torch.linalg.eigh(cov)  # ascending
+            del cov
+            self.values = vals.flip(0).clamp_min(0)
+            self.rows = vecs[:, -k:].flip(1).t()  # flip copies, so the full eigenvectors are freed here
+        return self.values, self.rows[:k]
 
 
 @register
@@ -96,13 +110,16 @@ class EVA(LoRA):
             )
 
     def configure(self, states: dict[str, Moments]) -> dict[str, "EVA"]:
+        keep = round(self.rho * self.r)  # the most components a site can get: all init will read
+        for p, m in states.items():  # one statistic at a time, so one full eigendecomposition is alive at once
+            self.require_tokens(p, m, self.r)
+            m.principal(keep)
         if self.rho == 1.0:
             return {p: self for p in states}
         ratios = []  # (explained variance ratio, path)
         for p, m in states.items():
-            self.require_tokens(p, m, self.r)
-            vals = m.pca[0]
-            offer = min(round(self.rho * self.r), m.n - 1)  # beyond n - 1 the covariance has no variance left
+            vals = m.values
+            offer = min(keep, m.n - 1)  # beyond n - 1 the covariance has no variance left
             ratios += [(v, p) for v in (vals[:offer] / vals.sum().clamp_min(1e-30)).tolist()]
         ratios.sort(key=lambda vp: -vp[0])  # stable: ties keep site order
         ranks = {p: 0 for p in states}
@@ -115,5 +132,5 @@ class EVA(LoRA):
         if site.loading:
             return {"lora_A": torch.zeros(self.r, site.d_in, dtype=site.dtype, device=site.device), "lora_B": B}
         self.require_tokens(site.path, site.calibration, self.r)
-        A = site.calibration.pca[1][: self.r]  # (r, d_in)
+        A = site.calibration.principal(self.r)[1]  # (r, d_in)
         return {"lora_A": A.to(site.dtype, copy=True).contiguous(), "lora_B": B}

@@ -168,7 +168,8 @@ class Variant:
         """Raise ConfigError if this configuration cannot work at this site."""
 
     def observe(self, state: Any, rows: torch.Tensor) -> Any:
-        """Accumulate calibration rows (N, d_in) for one site; return the new state."""
+        """Accumulate calibration rows (N, d_in) for one site; return the new state. Sites handed the same
+        input tensor in every batch share one state (one object in ``configure``'s states and ``SiteInit``)."""
         raise NotImplementedError
 
     def trace_key(self, site: SiteInfo) -> Hashable:

@@ -1,15 +1,17 @@
 """EVA: A spans the exact PCA of each site's unmasked calibration inputs, masked tokens are ignored,
-rank redistribution matches an independent ranking, forward equals PEFT's LoRA, and its errors."""
+rank redistribution matches an independent ranking, forward equals PEFT's LoRA, sites reading one input
+share one statistic (only while they really do) with the A each would get alone, and its errors."""
 
 import copy
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import surgery
 from adapters import EVA
-from models import GPT2, LLAMA, rel_err
+from models import GPT2, LLAMA, SCOPES, in_scope, rel_err
 from peft_twin import copy_from_peft, peft_model, randomise_peft
 from surgery.errors import CalibrationError, ConfigError
 
@@ -152,3 +154,97 @@ def test_calibration_errors():
         surgery.rewrite(model, EVA(r=40, rho=1.0), "*.k_proj", calibration=padded_batches(family, seq=16))
     with pytest.raises(ConfigError, match="rho must be >= 1"):
         EVA(r=4, rho=0.5)
+
+
+ALL7 = "*.{q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj}"
+
+
+def spy(monkeypatch):
+    """Count EVA.observe calls and record the states calibration hands to EVA.configure (both still run)."""
+    seen = {"observe": 0, "states": {}}
+    observe, configure = EVA.observe, EVA.configure
+
+    def counting(self, state, rows):
+        seen["observe"] += 1
+        return observe(self, state, rows)
+
+    def recording(self, states):
+        seen["states"].update(states)
+        return configure(self, states)
+
+    monkeypatch.setattr(EVA, "observe", counting)
+    monkeypatch.setattr(EVA, "configure", recording)
+    return seen
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_sites_reading_one_input_share_one_statistic(scope, monkeypatch):
+    family = LLAMA
+    seen = spy(monkeypatch)
+    batches = padded_batches(family)
+    model = in_scope(scope, family.model(), **family.inputs())
+    surgery.rewrite(model, EVA(r=4, rho=1.0), ALL7, calibration=batches)
+    states = seen["states"]
+    assert len(states) == 14
+    for layer in range(2):
+        at = {p.rsplit(".", 1)[1]: id(m) for p, m in states.items() if f"layers.{layer}." in p}
+        assert at["q_proj"] == at["k_proj"] == at["v_proj"], "q, k, v read one input"
+        assert at["gate_proj"] == at["up_proj"], "gate and up read one input"
+        assert len(set(at.values())) == 4, at
+    assert len({id(m) for m in states.values()}) == 8
+    assert seen["observe"] == 8 * len(batches), "one observe per distinct input and batch"
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_shared_statistic_gives_the_A_each_site_gets_alone(scope):
+    family = LLAMA
+    batches = padded_batches(family)
+    together = surgery.rewrite(in_scope(scope, family.model(), **family.inputs()), EVA(r=4, rho=1.0), ALL7,
+                               calibration=batches)
+    sites = surgery.sites(together)
+    assert len(sites) == 14
+    for path, site in sites.items():
+        alone = surgery.rewrite(in_scope(scope, family.model(), **family.inputs()), EVA(r=4, rho=1.0), path,
+                                calibration=batches)
+        assert list(surgery.sites(alone)) == [path]
+        assert torch.equal(site.lora_A, surgery.sites(alone)[path].lora_A), f"{path}: shared A differs from alone"
+
+
+class Fork(nn.Module):
+    """a, b and c read one tensor h, except that b reads h + 1 in batches of odd length, and c reads h only
+    after an in-place write: the same object, other values."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        out = self.a(h) + self.b(h + 1 if len(x) % 2 else h)
+        h.mul_(3)
+        return out + self.c(h)
+
+
+def test_sharing_is_proven_in_every_batch(monkeypatch):
+    """Module scope only: a traced graph cannot read h + 1 in some batches and h in others."""
+    g = torch.Generator().manual_seed(0)
+    even, odd, again = (torch.randn(n, 8, generator=g) for n in (16, 17, 18))
+    seen = spy(monkeypatch)
+
+    def A(where, batches):
+        return {p: s.lora_A for p, s in surgery.sites(
+            surgery.rewrite(Fork(), EVA(r=2, rho=1.0), where, calibration=batches)).items()}
+
+    shared = A("{a,b,c}", [even])
+    s = seen["states"]
+    assert s["a"] is s["b"], "a and b were handed one tensor"
+    assert s["c"] is not s["a"], "c's input was written in place after a read it"
+    for batches in ([even, odd, again], [odd, even]):
+        seen["states"].clear()
+        split = A("{a,b,c}", batches)
+        assert len({id(m) for m in seen["states"].values()}) == 3, "b read another tensor in one batch"
+        for p in "abc":
+            assert torch.equal(split[p], A(p, batches)[p]), f"{p}: A differs from {p} calibrated alone"
+        assert not torch.equal(split["a"], split["b"]), "control: b's other input changes its A"
+    assert torch.equal(shared["a"], shared["b"])
