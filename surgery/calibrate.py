@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import quant
 from .errors import CalibrationError, SurgeryError
 from .variant import Variant
 
@@ -163,6 +164,9 @@ def collect(scope: Scope, variant: Variant, paths: list[str], calibration: Itera
     modes = [(m, m.training) for m in model.modules()]  # per module: model.train(was) would flatten mixed modes
     for m, _ in modes:  # the flag itself: a GraphModule from torch.export refuses .eval()
         m.training = False
+    # an eval-mode forward without gradients is where bitsandbytes repacks a 4-bit layer, lossily, on a CPU with
+    # AVX512-BF16: calibration must leave every layer as it found it, and a repacked base could not be adapted
+    packing = [(m, quant.hold_packing(m)) for m in model.modules()]
     n = 0
     try:
         with torch.no_grad(), scope.taps(paths, emit):
@@ -185,6 +189,8 @@ def collect(scope: Scope, variant: Variant, paths: list[str], calibration: Itera
     finally:
         for m, mode in modes:
             m.training = mode
+        for m, was in packing:
+            quant.release_packing(m, was)
     if n == 0:
         raise CalibrationError(f"{variant.name}: the calibration iterable yielded no batches; pass at least one batch.")
     states = {p: groups[p].state if p in groups else None for p in paths}

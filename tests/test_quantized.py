@@ -223,6 +223,20 @@ def test_the_base_is_never_repacked_while_adapted(saved):
     assert leaf.support_avx512bf16_for_cpu is True
 
 
+def test_calibration_repacks_no_layer(saved):
+    """EVA's calibration runs the model in eval mode without gradients, where bitsandbytes would repack."""
+    model = load(saved, "nf4")
+    attn = model.model.layers[0].self_attn
+    q, k = attn.q_proj, attn.k_proj  # a site's base and a layer left out of `where`
+    for leaf in (q, k):
+        leaf.support_avx512bf16_for_cpu = True  # as on a CPU with AVX512-BF16
+    rewrite(model, "eva")
+    assert surgery.sites(model)["model.layers.0.self_attn.q_proj"].base is q
+    assert not quant.repacked(q) and not quant.repacked(k)
+    assert q.support_avx512bf16_for_cpu is False  # held off while it is a base
+    assert k.support_avx512bf16_for_cpu is True  # given back as calibration found it
+
+
 def test_refusals_leave_the_model_unchanged(saved):
     model = load(saved, "nf4")
     snap = snapshot(model)
