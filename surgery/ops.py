@@ -187,9 +187,11 @@ def site_init(base: Base, variant: Variant, *, calibration: Any = None, loading:
     dense = not meta
     dt = torch.promote_types(base.dtype, torch.float32)
     b = base.bias
+    # only for a variant that reads it: on a 4-bit base each W is a dequantisation, on a bf16 one a float32 copy
+    given = dense and variant.needs_weight
     return SiteInit(
         path=path, d_in=d_in, d_out=d_out,
-        weight=base.dense().detach().to(dt) if dense else None,
+        weight=base.dense().detach().to(dt) if given else None,
         bias=None if b is None or not dense else b.detach().to(dt),
         dtype=variant.adapter_dtype(base.dtype), device=w.device, calibration=calibration, loading=loading,
         layout=base.layout, spec=base.spec,

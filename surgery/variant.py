@@ -109,7 +109,7 @@ class SiteInit:
     path: str
     d_in: int
     d_out: int
-    weight: torch.Tensor | None  # (d_out, d_in), float32 or wider, detached; None if opaque
+    weight: torch.Tensor | None  # (d_out, d_in), float32 or wider, detached; None if opaque or needs_weight is False
     bias: torch.Tensor | None  # (d_out,)
     dtype: torch.dtype  # adapter tensor dtype
     device: torch.device
@@ -138,7 +138,8 @@ class Variant:
 
     identity_tol: ClassVar[float | None] = 1e-6  # relative identity error promised at init; None: no promise
     frozen: ClassVar[tuple[str, ...]] = ()  # tensor names stored as (persistent) buffers
-    needs_weight: ClassVar[bool] = True  # needs the dense base weight (False: works on opaque layers)
+    # init reads the dense base weight (False: works on opaque layers, and SiteInit.weight is None)
+    needs_weight: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
     base_bound: ClassVar[bool] = False  # init computes tensors from the base weight: another base makes them wrong
     # reads the runtime strength c (surgery.scaled / set_scale) itself, as the 0-d tensor t.surgery_scale, in
