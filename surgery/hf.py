@@ -13,10 +13,11 @@ lets ``trainer.train(resume_from_checkpoint=...)`` read it too, and ``resumable(
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
-import types
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,33 @@ def is_pretrained(model: nn.Module) -> bool:
 def attach(model: nn.Module) -> None:
     """Give ``model`` (when a transformers model) the adapter-writing ``save_pretrained``."""
     if is_pretrained(model) and "save_pretrained" not in model.__dict__:
-        # a bound method in the instance dict: copy.deepcopy(model) rebinds it to the copy
-        model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
+        model.__dict__["save_pretrained"] = _SavePretrained(model)
 
 
 def detach(model: nn.Module) -> None:
-    method = model.__dict__.get("save_pretrained")
-    if isinstance(method, types.MethodType) and method.__func__ is save_pretrained:
+    if isinstance(model.__dict__.get("save_pretrained"), _SavePretrained):
         del model.__dict__["save_pretrained"]
+
+
+class _SavePretrained:
+    """``save_pretrained`` bound to a model that holds it in its own ``__dict__``: it holds the model weakly, as a
+    bound method there would make a reference cycle, and ``del model`` would then leave the whole model in
+    memory until Python's cyclic collector ran (in a loop of rewrites, many models at once). A copy of the
+    model (copy.deepcopy, pickle) gets one bound to the copy."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: nn.Module):
+        self._model = weakref.ref(model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return save_pretrained(self._model(), *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "_SavePretrained":
+        return _SavePretrained(copy.deepcopy(self._model(), memo))
+
+    def __reduce__(self):
+        return _SavePretrained, (self._model(),)
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: Any, is_main_process: bool = True,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -406,9 +407,16 @@ class SiteAPI:
 
 def own_tensors(module: nn.Module, skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """A module's own parameters and persistent buffers (not its children's), ``skip`` left out."""
-    out = {n: p for n, p in module.named_parameters(recurse=False) if n not in skip}
+    # the tables themselves, as named_parameters(recurse=False) lists them (no None, a tensor once) without its
+    # generator machinery: merge and save ask for every site's, several times (an eighth of a LoRA merge)
     constants = module._non_persistent_buffers_set  # constants traced from a forward, the runtime strength, ...
-    out.update({n: b for n, b in module.named_buffers(recurse=False) if n not in skip and n not in constants})
+    out: dict[str, torch.Tensor] = {}
+    for table, leave in ((module._parameters, skip), (module._buffers, skip | constants)):
+        seen: set[int] = set()
+        for n, t in table.items():
+            if t is not None and n not in leave and id(t) not in seen:
+                seen.add(id(t))
+                out[n] = t
     return out
 
 
@@ -487,6 +495,28 @@ class AdapterView(SiteAPI):
         return f"Adapter({self.name!r} at {self.path}: {self.describe()})"
 
 
+class _SiteGraph(fx.Graph):
+    """A site's graph, naming its module weakly. GraphModule sets ``graph.owning_module = module``, a reference
+    cycle: a site, with its base weight, then outlived ``del model`` (or its removal by merge) until Python's
+    cyclic collector ran, which in a loop of rewrites could hold many models at once."""
+
+    @property
+    def owning_module(self):
+        owner = self.__dict__.get("_surgery_owner")
+        return None if owner is None else owner()
+
+    @owning_module.setter
+    def owning_module(self, mod) -> None:
+        self._owning_module = None  # what fx.Graph.__init__ set, strongly
+        self.__dict__["_surgery_owner"] = None if mod is None else weakref.ref(mod)
+
+
+def _weakly_owned(graph: fx.Graph) -> fx.Graph:
+    if type(graph) is fx.Graph:  # the graphs fx's tracer and Graph.__deepcopy__ make
+        graph.__class__ = _SiteGraph
+    return graph
+
+
 COMPILED = "_surgery_compiled"  # on a copied site graph: the compiled forward of the graph it was copied from
 SHARED = "_surgery_shared"  # on a site made by Site.shared: (its kind's graph, its nodes' provenance) until read
 
@@ -526,7 +556,7 @@ class Site(fx.GraphModule, SiteAPI):
             for n in own.nodes:
                 if "surgery" in n.meta:
                     n.meta["surgery"] = dict(meta)
-            own.owning_module = self
+            _weakly_owned(own).owning_module = self
             self.__dict__["_graph"] = own
 
     @property
@@ -537,7 +567,7 @@ class Site(fx.GraphModule, SiteAPI):
     @graph.setter
     def graph(self, g: fx.Graph) -> None:
         self.__dict__.pop(SHARED, None)
-        fx.GraphModule.graph.fset(self, g)
+        fx.GraphModule.graph.fset(self, _weakly_owned(g))
 
     def recompile(self):
         """GraphModule's recompile; a graph copied from a compiled site takes that site's forward instead

@@ -130,6 +130,17 @@ def tracer() -> fx.Tracer:
     return t
 
 
+def trace(root: nn.Module, **kwargs) -> fx.Graph:
+    """``tracer().trace(root)``, with the tracer's state dropped afterwards: the Tracer ends in a reference cycle
+    with closures it made while tracing, and holds ``root`` and its tensors, which would then outlive the
+    user's model until Python's cyclic collector ran."""
+    t = tracer()
+    try:
+        return t.trace(root, **kwargs)
+    finally:
+        t.__dict__.clear()
+
+
 class _Watched:
     """``t.site`` while a forward is traced: the same facts, noting whether the forward may have seen the
     site's shape (d_in, d_out) and its path (anything but the shape, layout and spec, which every key
@@ -219,7 +230,7 @@ def trace_variant(variant: Variant, tensors: dict[str, torch.Tensor], modules: d
     holder = _Holder(variant, tensors, modules, site, cast)
     concrete = None if has_bias else {"bias": None}
     try:
-        graph = tracer().trace(holder, concrete_args=concrete)
+        graph = trace(holder, concrete_args=concrete)
     except SurgeryError:
         raise
     except Exception as e:  # noqa: BLE001 - any tracing failure is the variant's forward breaking a rule

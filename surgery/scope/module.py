@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Callable, Hashable
 
 import torch
 import torch.fx as fx
@@ -20,9 +20,9 @@ from ..offload import keep
 from ..param import ParamSite, adaptable_parameter, attach, detach, layout_of_parameter, owns_sites, parameters
 from ..site import Conv1D, Site, adaptable, layout, op_spec, set_param, stored_weight
 from ..splice import (BASE_WEIGHT, SCALE, Part, Traces, add_constants, add_gate, base_caller, place, slot_prefix, splice,
-                      tracer)
+                      trace)
 from ..variant import SiteInfo, SiteInit
-from .base import Base, Emit, Scope, Staged, Txn, record
+from .base import Base, Emit, Scope, Staged, Txn, record, unmodified
 
 _PLAIN = tuple(c for c in (nn.Linear, Conv1D) if isinstance(c, type))
 _FLAGS = "_surgery_requires_grad"  # original requires_grad of every parameter, kept on the model while it has sites
@@ -39,6 +39,9 @@ class _Template:
     x: str
     y: str
     out: str
+    # the same forward returning (adapted output, base output): later sites of the kind check identity against
+    # the base output their own graph computed, so a probe reads each weight once (None where y is gone)
+    probe: Callable | None
 
 
 @dataclass
@@ -49,8 +52,10 @@ class Templates:
     sites: dict[Hashable, _Template] = field(default_factory=dict)
 
 
-def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Templates | None = None) -> Site:
-    """Splice the active ``parts`` into a trace of the leaf and return the Site (the model is not touched).
+def build_site(base: Base, parts: list[Part], ctx: SiteInit,
+               templates: Templates | None = None) -> tuple[Site, Callable | None]:
+    """Splice the active ``parts`` into a trace of the leaf and return the Site (the model is not touched), and,
+    for a site that is not the first of its kind, its forward returning (adapted output, base output).
 
     The first site of a kind is traced and compiled; later ones share its graph (``Site.shared``) and reuse
     its compiled forward, so their generated code is the same text."""
@@ -80,6 +85,7 @@ def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Template
         leaf_kind = id(leaf)
     kind = None if key is None else (leaf_kind, key)
     tpl = templates.sites.get(kind) if kind is not None else None
+    later = tpl is not None
     if tpl is None:
         site, tpl = _first_site(leaf, info, root, vg, meta, opaque=base.quant is not None)
         if kind is not None:
@@ -96,7 +102,7 @@ def build_site(base: Base, parts: list[Part], ctx: SiteInit, templates: Template
     site._non_persistent_buffers_set = set(root._non_persistent_buffers_set)  # constants, the strength
     site.train(leaf.training)  # new modules (dropout) follow the mode of the model they join
     site.__dict__["record"] = record(base, ctx, parts, x=tpl.x, y=tpl.y, out=tpl.out)
-    return site
+    return site, (tpl.probe if later else None)
 
 
 def _opaque_graph(leaf: nn.Module) -> fx.Graph:
@@ -112,7 +118,7 @@ def _opaque_graph(leaf: nn.Module) -> fx.Graph:
 
 
 def _first_site(leaf: nn.Module, info: SiteInfo, root: nn.Module, vg, meta: dict, opaque: bool) -> tuple[Site, _Template]:
-    graph = _opaque_graph(leaf) if opaque else tracer().trace(leaf)  # a graph owned by no module yet
+    graph = _opaque_graph(leaf) if opaque else trace(leaf)  # a graph owned by no module yet
     x = next(n for n in graph.nodes if n.op == "placeholder")
     y = next(n for n in graph.nodes if n.op == "output").args[0]
     if opaque:
@@ -133,8 +139,23 @@ def _first_site(leaf: nn.Module, info: SiteInfo, root: nn.Module, vg, meta: dict
     names = {n.name for n in site.graph.nodes}
     out = next(n for n in site.graph.nodes if n.op == "output").args[0]
     tpl = _Template(copy.deepcopy(site.graph), site.compiled(), x=x.name, y=y.name if y.name in names else "",
-                    out=out.name)
+                    out=out.name, probe=None)
+    if tpl.y and tpl.y != out.name:
+        tpl.probe = _with_base_output(site, tpl.y)
     return site, tpl
+
+
+def _with_base_output(site: Site, y: str) -> Callable:
+    """The forward of ``site``'s graph returning (adapted output, base output ``y``), as a function of a site."""
+    graph = copy.deepcopy(site.graph)
+    end = next(n for n in graph.nodes if n.op == "output")
+    base_out = next(n for n in graph.nodes if n.name == y)
+    with graph.inserting_before(end):
+        graph.output((end.args[0], base_out))
+    graph.erase_node(end)
+    gm = fx.GraphModule(site, graph)
+    graph.owning_module = None  # no cycle: gm (and the site's tensors it names) goes with this frame
+    return type(gm).forward
 
 
 def _give_back(leaf: nn.Module, site: Site) -> None:
@@ -153,7 +174,7 @@ class ModuleTxn(Txn):
     def stage(self, base: Base, parts: list[Part], ctx: SiteInit) -> Staged:
         if base.param:
             return self._stage_param(base, parts, ctx)
-        site = build_site(base, parts, ctx, self.templates)
+        site, with_base = build_site(base, parts, ctx, self.templates)
         new = None
         if ctx.new_weight is not None:  # the leaf's Parameter takes it at commit; the site keeps the original
             what = f"base weight of {base.path}"
@@ -167,7 +188,14 @@ class ModuleTxn(Txn):
             packing = quant.hold_packing(base.module) if base.quant else None  # the user's base, untouched
             try:
                 with torch.no_grad():
-                    return (site(x) if new is None else functional_call(site, {"weight": new.load()}, (x,))), None
+                    if new is not None:
+                        return functional_call(site, {"weight": new.load()}, (x,)), None
+                    # the first site of a kind is checked against the layer's own output (which checks the
+                    # kind's traced base op too); later ones run the same code on their own tensors
+                    if with_base is not None:
+                        got, y = with_base(site, x)
+                        return got, unmodified(y)
+                    return site(x), None
             finally:
                 site.train(was)
                 quant.release_packing(base.module, packing)
@@ -212,10 +240,11 @@ class ModuleScope(Scope):
     def sites(self) -> dict[str, Site | ParamSite]:
         return {p: m for p, m in self.model.named_modules() if isinstance(m, (Site, ParamSite))}
 
-    def _param_base(self, path: str) -> Base | None:
-        """The base of a parameter path (a Parameter, or a parameter site), None for a module path."""
+    def _param_base(self, path: str, owner: nn.Module | None = None) -> Base | None:
+        """The base of a parameter path (a Parameter, or a parameter site), None for a module path; ``owner``
+        is the module at the path's parent, when the caller has it."""
         owner_path, _, name = path.rpartition(".")
-        owner = self.model.get_submodule(owner_path)
+        owner = self.model.get_submodule(owner_path) if owner is None else owner
         site = owner._modules.get(name)
         if not isinstance(site, ParamSite) and name not in owner._parameters:
             return None
@@ -225,11 +254,11 @@ class ModuleScope(Scope):
                     experts=w.shape[0] if w.dim() == 3 else 0)
 
     def base(self, path: str) -> Base:
-        found = self._param_base(path)
+        parent_path, _, name = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)  # one walk of the path, not three: a rewrite asks twice a site
+        found = self._param_base(path, parent)
         if found is not None:
             return found
-        parent_path = path.rpartition(".")[0]
-        parent = self.model.get_submodule(parent_path)
         if isinstance(parent, nn.MultiheadAttention):
             raise UnsupportedModuleError(
                 f"{path} is the output projection of an nn.MultiheadAttention, which reads its weight directly "
@@ -237,7 +266,9 @@ class ModuleScope(Scope):
                 f"no-op. Adapt its weight in weight space instead (where='{path}.weight', and '{parent_path}.in_proj_weight' "
                 f"for the input projections), or leave {path} out of `where`."
             )
-        leaf = self.model.get_submodule(path)
+        leaf = parent._modules.get(name)
+        if not isinstance(leaf, nn.Module):  # get_submodule's own error
+            leaf = self.model.get_submodule(path)
         if owns_sites(leaf):
             held = next(n for n, m in leaf._modules.items() if isinstance(m, ParamSite))
             raise UnsupportedModuleError(
