@@ -54,6 +54,39 @@ def exact_pca(X):
     return s**2 / (len(X) - 1), vt
 
 
+@pytest.mark.parametrize("n", [20, 24, 40], ids=["rows kept", "as many as the width", "Gram"])
+def test_a_statistic_decomposes_to_the_exact_pca(n):
+    """A statistic keeps its rows while they are no more than their width (then an SVD of the centred rows) and
+    their Gram once they outnumber it (an eigendecomposition), crossing over between batches: either way the
+    eigenvalues and leading eigenvectors are the exact PCA's."""
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(n, 24, generator=g) @ torch.diag(torch.linspace(3, 0.1, 24))).double() + 5
+    eva = EVA(r=3)
+    m = eva.observe(eva.observe(None, X[:12]), X[12:])
+    assert (m.gram is None) == (n <= 24) and (m.rows_seen is None) == (n > 24)
+    values, rows = m.principal(5)
+    want_values, want_rows = exact_pca(X.numpy())
+    assert np.allclose(values.numpy()[: n - 1], want_values[: n - 1], rtol=1e-9, atol=1e-9)
+    assert principal_cosines(rows.numpy(), want_rows[:5]).min() >= 1 - 1e-9
+    assert m.gram is None and m.rows_seen is None and m.total is None, "the statistic is freed"
+    assert torch.equal(m.principal(3)[1], rows[:3]), "later calls return what the first kept"
+
+
+def test_rows_spanning_fewer_directions_than_asked_still_give_orthonormal_components():
+    """20 rows spanning 3 directions, 5 components asked: the 4th and 5th have no variance (the shortcut through
+    the 20 x 20 matrix would divide by zero there), so they come from an SVD: orthonormal, the first 3 exact."""
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(20, 3, generator=g) @ torch.randn(3, 24, generator=g)).double() + 1
+    m = EVA(r=3).observe(None, X)
+    values, rows = m.principal(5)
+    assert rows.shape == (5, 24) and torch.isfinite(rows).all()
+    assert torch.allclose(rows @ rows.t(), torch.eye(5, dtype=torch.float64), atol=1e-10)
+    want_values, want_rows = exact_pca(X.numpy())
+    assert np.allclose(values.numpy()[:3], want_values[:3], rtol=1e-9)
+    assert values[3:].abs().max() <= 1e-9 * values[0]
+    assert principal_cosines(rows[:3].numpy(), want_rows[:3]).min() >= 1 - 1e-9
+
+
 @pytest.mark.parametrize("family", [LLAMA, GPT2], ids=lambda f: f.name)
 def test_A_spans_the_exact_pca_of_unmasked_inputs(family):
     base = family.model()
