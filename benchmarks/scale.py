@@ -7,7 +7,7 @@
 
 For each variant, both sides run interleaved in one process (ours first on even reps, PEFT first on odd
 ones) on copies of one random base, all seven projections of every layer: apply (``surgery.rewrite`` vs
-``get_peft_model``; PiSSA's SVD and EVA's calibration, over 4 batches of 2 x 128 tokens, are part of it),
+``get_peft_model``; PiSSA's SVD and EVA's calibration are part of it),
 one training step (AdamW, batch 1 x 256 tokens, after one warm-up step), save, merge
 (``surgery.merge`` vs ``merge_and_unload``), load onto a fresh copy of the base (``surgery.load`` vs
 ``PeftModel.from_pretrained``), the file size, and the peak memory of apply, the step and merge above the
@@ -16,6 +16,12 @@ layers, against PEFT's QLoRA on the same. A ratio is the median of the per-rep r
 quartiles. ``--growth`` adds the apply cost per site as the number of layers grows. With ``--scope graph``
 our side works on the model traced once by ``surgery.trace`` (the trace itself is not timed: it is printed
 once), PEFT's on the model itself.
+
+EVA calibrates both sides on the same 2 batches of 2 x 128 tokens. PEFT's ``initialize_lora_eva_weights``
+cycles its batches until every layer's components stop moving (cosine similarity >= ``tau``); on random
+weights and tokens they never settle (at tau=0.99 it was still cycling after 30 minutes, at tau=0 after 10
+at 2 layers), so its side gets a ``forward_fn`` that, after the second batch, marks every layer converged:
+it then stops where ours does, after the same data.
 """
 
 from __future__ import annotations
@@ -74,14 +80,33 @@ def train_batch(sz: dict) -> dict[str, torch.Tensor]:
 
 
 def calibration(sz: dict) -> list[dict[str, torch.Tensor]]:
-    """EVA's calibration: 4 batches of 2 x 128 tokens (2 x 16 at the tiny size)."""
+    """EVA's calibration: 2 batches of 2 x 128 tokens (2 x 16 at the tiny size)."""
     seq = 16 if sz["vocab"] < 1000 else 128
     g = torch.Generator().manual_seed(1)
     out = []
-    for _ in range(4):
+    for _ in range(2):
         ids = torch.randint(0, sz["vocab"], (2, seq), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return out
+
+
+class _StopAfter:
+    """PEFT's EVA ``forward_fn``: the model on a batch, and after the n-th one every EVA hook reads as converged,
+    so ``initialize_lora_eva_weights`` stops after n batches (see EVA above)."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def __call__(self, model, inputs):
+        from peft.tuners.lora.eva import SVDHook
+
+        out = model(**inputs)
+        self.seen += 1
+        if self.seen >= self.n:
+            hooks = [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, SVDHook)]
+            for h in hooks:
+                h.converged[:] = True
+        return out
 
 
 class Side:
@@ -107,7 +132,8 @@ class Side:
         if self.spec.calibrate:
             from peft import initialize_lora_eva_weights
 
-            initialize_lora_eva_weights(peft, dataloader=self.calib, show_progress_bar=False)
+            initialize_lora_eva_weights(peft, dataloader=self.calib, forward_fn=_StopAfter(len(self.calib)),
+                                        show_progress_bar=False)
         return peft
 
     def save(self, model, where: str) -> int:
