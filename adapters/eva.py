@@ -22,9 +22,10 @@ while there are at most d_in of them, then a Gram matrix X^T X (d_in, d_in) in t
 at most 8 d_in^2 bytes per distinct input whatever the number of batches. Sites that read the same tensor
 share one statistic (q, k and v of an attention, gate and up of an MLP: one each), verified batch by batch by
 surgery/calibrate.py; the shared statistic is the one each site would have built alone, so A is the same.
-configure then decomposes the statistics one at a time, exactly: n kept rows by an SVD of the centred rows
-(n^2 d_in work, where an eigendecomposition of the d_in x d_in covariance is d_in^3: a few hundred tokens on
-a 3072-wide input took seconds a site that way), a Gram by an eigendecomposition of the centred covariance.
+configure then decomposes the statistics one at a time, exactly: n kept rows through the n x n matrix of
+the centred rows (n^2 d_in work, where an eigendecomposition of the d_in x d_in covariance is d_in^3: a few
+hundred tokens on a 3072-wide input took seconds a site that way; see _dual_pca), a Gram by an
+eigendecomposition of the centred covariance.
 It keeps the eigenvalues and the top round(rho * r) eigenvectors and frees the rest: the peak is the
 statistics of all distinct inputs plus one decomposition, and what stays until init is
 8 (round(rho * r) + 1) d_in bytes per input.
