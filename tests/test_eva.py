@@ -56,7 +56,7 @@ def exact_pca(X):
 
 @pytest.mark.parametrize("n", [20, 24, 40], ids=["rows kept", "as many as the width", "Gram"])
 def test_a_statistic_decomposes_to_the_exact_pca(n):
-    """A statistic keeps its rows while they are no more than their width (then an SVD of the centred rows) and
+    """A statistic keeps its rows while they are no more than their width (decomposed through their n x n matrix) and
     their Gram once they outnumber it (an eigendecomposition), crossing over between batches: either way the
     eigenvalues and leading eigenvectors are the exact PCA's."""
     g = torch.Generator().manual_seed(0)
