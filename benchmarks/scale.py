@@ -299,7 +299,8 @@ def main(argv=None) -> None:
     knobs = Knobs(r=16 if args.size != "tiny" else 4, alpha=32.0)
     names = [v.strip().lower() for v in args.variants.split(",") if v.strip()]
     qlora = QLORA in names and args.scope == "module"  # graph scope cannot trace bitsandbytes layers
-    specs = [s for s in common.available(",".join(v for v in names if v != QLORA)) if s.peft is not None]
+    dense = ",".join(v for v in names if v != QLORA)  # available("") would be every variant
+    specs = [s for s in common.available(dense) if s.peft is not None] if dense else []
     mem = PeakMemory(torch.device("cpu"))
     print(f"# scale benchmark: size {args.size}, {args.scope} scope, {reps} reps, "
           f"{common.machine(torch.device('cpu'))}", flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import struct
 import secrets
@@ -164,17 +165,24 @@ def _is(path: Path, test: Callable[[Path], bool]) -> bool:
 _SAMPLE = 64  # values of each adapted base weight kept in the file to recognise the base it was made on
 
 
-def weight_sample(w: torch.Tensor) -> list[float] | None:
-    """``_SAMPLE`` values of a weight (nn.Linear layout) at fixed evenly spaced positions, as floats.
+def weight_sample(w: torch.Tensor | nn.Module) -> list[float] | None:
+    """``_SAMPLE`` values of a weight (nn.Linear layout) at fixed evenly spaced positions, as floats; a
+    quantised layer gives its dequantised weight's values there.
 
     Cheap whatever the size (a hash of a 7B model's weights would take tens of seconds), and enough to
     tell another base, or this base with an adapter already merged into it, from the one saved on.
     """
-    if w.device.type == "meta":
+    layer = isinstance(w, nn.Module)
+    if (w.weight if layer else w).device.type == "meta":
         return None
-    flat = w.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).round().long()
-    return flat[idx.to(flat.device)].float().cpu().tolist()
+    shape = (w.out_features, w.in_features) if layer else w.shape
+    n = math.prod(shape)
+    idx = torch.linspace(0, n - 1, min(_SAMPLE, n)).round().long()
+    if layer:
+        return quant.dequantized_at(w, idx.to(w.weight.device)).cpu().tolist()
+    # indexed where it lies: a transposed view (Conv1D) reshaped to one row would be copied whole
+    at = torch.unravel_index(idx.to(w.device), shape)
+    return w.detach()[at].float().cpu().tolist()
 
 
 def encode_sample(values: list[float] | None) -> str | None:
@@ -221,7 +229,7 @@ def check_base_sample(scope: Scope, entries: dict[str, dict[str, Any]], plan: di
     for p, info in entries.items():
         saved = decode_sample(info.get("base", {}).get("sample"), path, p)
         base = scope.base(p)
-        now = weight_sample(base.dense())
+        now = weight_sample(base.module if base.quant else base.dense())
         stored = torch.float32 if base.quant else base.weight.dtype  # a quantised weight is sampled dequantised
         if saved is None or now is None or _same_sample(saved, now, info["base"].get("dtype", ""), stored):
             continue
@@ -279,7 +287,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, name: str | None = None) 
                 )
             tensors[f"{k}.{tname}"] = t.detach().to("cpu").contiguous()
         if v.path not in samples:
-            samples[v.path] = encode_sample(weight_sample(gathered(v.original_weight)))
+            w = v.base_module if v.record.quant and not v.replaced_base else gathered(v.original_weight)
+            samples[v.path] = encode_sample(weight_sample(w))
         meta[k] = {
             "variant": v.variant.name,
             "config": v.variant.to_config(),

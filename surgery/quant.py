@@ -144,6 +144,34 @@ def dequantized(module: nn.Module) -> torch.Tensor:
     return dequantize_4bit(w.data, w.quant_state).float().reshape(module.out_features, module.in_features)
 
 
+def dequantized_at(module: nn.Module, index: torch.Tensor) -> torch.Tensor:
+    """``dequantized(module).reshape(-1)[index]``, bit for bit, decoding only the 4-bit blocks that hold ``index``
+    (a whole weight is 8x its packed size in float32: the save and load base checks read 64 entries a site)."""
+    w = module.weight
+    if w.is_floating_point():
+        return w.detach().reshape(-1)[index].float()
+    if kind(module) == "int8":
+        scb = getattr(w, "SCB", None)
+        scb = module.state.SCB if scb is None else scb
+        rows = index // module.in_features
+        return w.data[rows, index % module.in_features].float() * (scb.float()[rows] / 127)
+    from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
+    qs = w.quant_state
+    bs = qs.blocksize
+    if qs.shape[-1] % bs:  # bnb's CPU kernel decodes such a width by rows, not as it was quantised: decode it all
+        return dequantized(module).reshape(-1)[index]
+    blocks, which = torch.unique(index // bs, return_inverse=True)
+    absmax = qs.absmax
+    if qs.nested:  # the statistics are quantised too: decoded as dequantize_4bit decodes them
+        absmax = dequantize_blockwise(qs.absmax, qs.state2)
+        absmax += qs.offset
+    part = QuantState(absmax=absmax[blocks].float(), shape=(len(blocks), bs), dtype=qs.dtype, blocksize=bs,
+                      quant_type=qs.quant_type, code=qs.code)
+    # packed (n, 1) as bnb keeps it: a (1, n) input would come back transposed
+    packed = w.data.view(torch.uint8).reshape(-1, bs // 2)[blocks].reshape(-1, 1)
+    return dequantize_4bit(packed, part).float()[which, index % bs]
+
+
 def requantized(module: nn.Module, W: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
     """A new layer of the class and settings of ``module`` holding W (d_out, d_in) and b, quantised as it is."""
     bnb = _bnb()

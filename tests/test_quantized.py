@@ -355,3 +355,38 @@ def test_an_8bit_layer_that_keeps_float_weights():
     assert torch.equal(model[0].weight, W) and torch.equal(model[0].bias, b)
     with torch.no_grad():  # the layer's own forward quantises its float weight to int8 for every matmul
         assert rel_err(model(x), adapted) <= 1e-2
+
+
+def _layer(fmt: str, d_out: int, d_in: int, dtype=torch.float32, nested=False, blocksize=64):
+    torch.manual_seed(d_out * d_in)
+    W = torch.randn(d_out, d_in).to(dtype)
+    if fmt == "int8":
+        layer = bnb.nn.Linear8bitLt(d_in, d_out, bias=False, has_fp16_weights=False, device="meta")
+        layer.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=dtype, compress_statistics=nested,
+                                  quant_type=fmt, device="meta")
+        layer.weight = bnb.nn.Params4bit(W, requires_grad=False, quant_type=fmt, blocksize=blocksize,
+                                         compress_statistics=nested)
+    return layer.to("cpu")
+
+
+@pytest.mark.parametrize("fmt,shape,dtype,nested,blocksize", [
+    ("nf4", (96, 64), torch.float32, False, 64),
+    ("nf4", (48, 128), torch.float32, True, 64),  # statistics quantised too
+    ("fp4", (96, 256), torch.bfloat16, True, 128),
+    ("nf4", (64, 64), torch.float16, False, 64),
+    ("nf4", (48, 96), torch.float32, False, 64),  # a width that is no multiple of the block: decoded whole
+    ("nf4", (16, 33), torch.float32, False, 64),  # an odd width (bnb's other path; decoded whole)
+    ("int8", (48, 96), torch.float32, False, 64),
+])
+def test_a_few_entries_are_the_whole_dequantised_weights_entries(fmt, shape, dtype, nested, blocksize):
+    """What the save and load base checks read: entries of W, decoded from only the blocks that hold them,
+    bit for bit those of the whole decoded W (ends, repeats and neighbours in one block included)."""
+    layer = _layer(fmt, *shape, dtype=dtype, nested=nested, blocksize=blocksize)
+    n = shape[0] * shape[1]
+    idx = torch.cat([torch.tensor([0, n - 1, 5, 5, 6, n // 2]), torch.randint(0, n, (40,))])
+    whole = quant.dequantized(layer).reshape(-1)
+    got = quant.dequantized_at(layer, idx)
+    assert got.dtype == torch.float32 and torch.equal(got, whole[idx])
+    assert not torch.equal(got, torch.zeros_like(got))
