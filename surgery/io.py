@@ -181,7 +181,8 @@ def weight_sample(w: torch.Tensor | nn.Module) -> list[float] | None:
     if layer:
         return quant.dequantized_at(w, idx.to(w.weight.device)).cpu().tolist()
     # indexed where it lies: a transposed view (Conv1D) reshaped to one row would be copied whole
-    at = torch.unravel_index(idx.to(w.device), shape)
+    idx = idx.to(w.device)
+    at = (idx // shape[1], idx % shape[1]) if len(shape) == 2 else torch.unravel_index(idx, shape)
     return w.detach()[at].float().cpu().tolist()
 
 
