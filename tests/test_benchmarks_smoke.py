@@ -85,6 +85,11 @@ def test_scale_quick_has_every_cost_per_variant(tmp_path):
                                                                      for n in (7, 14)]
 
 
+def test_scale_runs_only_the_4bit_row_when_only_that_is_asked(tmp_path):
+    _, data = run_script("scale", tmp_path, "--variants", "lora-4bit")
+    assert [r["variant"] for r in data["table"]] == ["LoRA 4-bit"]
+
+
 def test_scale_quick_in_graph_scope(tmp_path):
     stdout, data = run_script("scale", tmp_path, "--variants", "lora", "--scope", "graph", "--growth", "1")
     assert data["scope"] == "graph" and [r["variant"] for r in data["table"]] == ["LoRA"]
