@@ -37,7 +37,7 @@ from .errors import (
     SHOWN,
     clip,
 )
-from . import hf
+from . import hf, quant
 from .scope import Scope, scope_of
 from .scope.base import Base, Staged, Txn
 from .param import ParamSite, replacing, require_weight_space
@@ -384,7 +384,7 @@ def _probe_identity(scope: Scope, staged: Staged, base: Base, ctx: SiteInit, nam
         if ref is None:
             ref = base.output(x)
         if not torch.isfinite(ref).all():  # not the variant's fault: say so instead of blaming its init
-            held = [t for t in (base.weight, base.bias) if t is not None and t.is_floating_point()]
+            held = [t for t in (base.weight, base.bias) if t is not None and quant.stored_as_floats(t)]
             if all(_finite(t) for t in held):
                 raise NonFiniteError(
                     f"the base output of {base.path} overflows {_dt(ref.dtype)} on a random input of unit scale "

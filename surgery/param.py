@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import quant
 from .errors import ConfigError
 from .site import Site, SiteAPI, fold_each, linear_weight, own_tensors, stored_weight
 from .splice import blend, compute_dtype
@@ -34,8 +35,8 @@ _ADAPTED: dict[type, type] = {}  # owner class -> its subclass with a property p
 
 
 def adaptable_parameter(p: nn.Parameter) -> bool:
-    """A float matrix, or a stack of them (experts, d_out, d_in)."""
-    return p.dim() in (2, 3) and p.is_floating_point()
+    """A float matrix, or a stack of them (experts, d_out, d_in); not a packed 4-bit weight in float storage."""
+    return p.dim() in (2, 3) and quant.stored_as_floats(p)
 
 
 def layout_of_parameter(owner: nn.Module, p: torch.Tensor) -> str:

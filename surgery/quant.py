@@ -130,10 +130,16 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return getattr(module, "compute_dtype", None) or torch.float32
 
 
+def stored_as_floats(w: torch.Tensor) -> bool:
+    """A weight held as floats: an 8-bit layer built with has_fp16_weights=True. A packed 4-bit weight may be
+    stored in a float dtype too (quant_storage=torch.bfloat16, as FSDP-QLoRA loads it), bytes and all."""
+    return w.is_floating_point() and getattr(w, "quant_state", None) is None
+
+
 def dequantized(module: nn.Module) -> torch.Tensor:
     """W of a bitsandbytes layer as a float32 (d_out, d_in) tensor, made now (never cached)."""
     w = module.weight
-    if w.is_floating_point():  # an 8-bit layer built with has_fp16_weights=True keeps its weight in float
+    if stored_as_floats(w):
         return w.detach().float()
     if kind(module) == "int8":
         scb = getattr(w, "SCB", None)
@@ -148,7 +154,7 @@ def dequantized_at(module: nn.Module, index: torch.Tensor) -> torch.Tensor:
     """``dequantized(module).reshape(-1)[index]``, bit for bit, decoding only the 4-bit blocks that hold ``index``
     (a whole weight is 8x its packed size in float32: the save and load base checks read 64 entries a site)."""
     w = module.weight
-    if w.is_floating_point():
+    if stored_as_floats(w):
         return w.detach().reshape(-1)[index].float()
     if kind(module) == "int8":
         scb = getattr(w, "SCB", None)

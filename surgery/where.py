@@ -307,7 +307,8 @@ def _opted_in(pat: Pattern, hit: list[str], candidates, opt_in) -> list[str]:
 
 def _kind(obj) -> str:
     if isinstance(obj, nn.Parameter):
-        return f"a Parameter of shape {tuple(obj.shape)}, {str(obj.dtype).removeprefix('torch.')}"
+        packed = " (a packed quantised weight)" if getattr(obj, "quant_state", None) is not None else ""
+        return f"a Parameter of shape {tuple(obj.shape)}, {str(obj.dtype).removeprefix('torch.')}{packed}"
     return type(obj).__name__
 
 

@@ -357,7 +357,7 @@ def test_an_8bit_layer_that_keeps_float_weights():
         assert rel_err(model(x), adapted) <= 1e-2
 
 
-def _layer(fmt: str, d_out: int, d_in: int, dtype=torch.float32, nested=False, blocksize=64):
+def _layer(fmt: str, d_out: int, d_in: int, dtype=torch.float32, nested=False, blocksize=64, storage=torch.uint8):
     torch.manual_seed(d_out * d_in)
     W = torch.randn(d_out, d_in).to(dtype)
     if fmt == "int8":
@@ -365,28 +365,60 @@ def _layer(fmt: str, d_out: int, d_in: int, dtype=torch.float32, nested=False, b
         layer.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=dtype, compress_statistics=nested,
-                                  quant_type=fmt, device="meta")
+                                  quant_type=fmt, quant_storage=storage, device="meta")
         layer.weight = bnb.nn.Params4bit(W, requires_grad=False, quant_type=fmt, blocksize=blocksize,
-                                         compress_statistics=nested)
+                                         compress_statistics=nested, quant_storage=storage)
     return layer.to("cpu")
 
 
-@pytest.mark.parametrize("fmt,shape,dtype,nested,blocksize", [
-    ("nf4", (96, 64), torch.float32, False, 64),
-    ("nf4", (48, 128), torch.float32, True, 64),  # statistics quantised too
-    ("fp4", (96, 256), torch.bfloat16, True, 128),
-    ("nf4", (64, 64), torch.float16, False, 64),
-    ("nf4", (48, 96), torch.float32, False, 64),  # a width that is no multiple of the block: decoded whole
-    ("nf4", (16, 33), torch.float32, False, 64),  # an odd width (bnb's other path; decoded whole)
-    ("int8", (48, 96), torch.float32, False, 64),
+@pytest.mark.parametrize("fmt,shape,dtype,nested,blocksize,storage", [
+    ("nf4", (96, 64), torch.float32, False, 64, torch.uint8),
+    ("nf4", (48, 128), torch.float32, True, 64, torch.uint8),  # statistics quantised too
+    ("fp4", (96, 256), torch.bfloat16, True, 128, torch.uint8),
+    ("nf4", (64, 64), torch.float16, False, 64, torch.uint8),
+    ("nf4", (64, 128), torch.float32, False, 64, torch.bfloat16),  # packed into bf16 storage (FSDP-QLoRA's)
+    ("nf4", (48, 96), torch.float32, False, 64, torch.uint8),  # a width that is no multiple of the block: decoded whole
+    ("nf4", (16, 33), torch.float32, False, 64, torch.uint8),  # an odd width (bnb's other path; decoded whole)
+    ("int8", (48, 96), torch.float32, False, 64, torch.uint8),
 ])
-def test_a_few_entries_are_the_whole_dequantised_weights_entries(fmt, shape, dtype, nested, blocksize):
+def test_a_few_entries_are_the_whole_dequantised_weights_entries(fmt, shape, dtype, nested, blocksize, storage):
     """What the save and load base checks read: entries of W, decoded from only the blocks that hold them,
     bit for bit those of the whole decoded W (ends, repeats and neighbours in one block included)."""
-    layer = _layer(fmt, *shape, dtype=dtype, nested=nested, blocksize=blocksize)
+    layer = _layer(fmt, *shape, dtype=dtype, nested=nested, blocksize=blocksize, storage=storage)
     n = shape[0] * shape[1]
     idx = torch.cat([torch.tensor([0, n - 1, 5, 5, 6, n // 2]), torch.randint(0, n, (40,))])
     whole = quant.dequantized(layer).reshape(-1)
     got = quant.dequantized_at(layer, idx)
     assert got.dtype == torch.float32 and torch.equal(got, whole[idx])
     assert not torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("key", ["lora", "dora"])
+def test_a_4bit_weight_packed_into_bfloat16_storage(key, saved, tmp_path):
+    """bnb_4bit_quant_storage=torch.bfloat16 (how FSDP-QLoRA loads a base) keeps the packed bytes in a float
+    tensor: W is still read by decoding them (DoRA's norm at init, the fold at merge, the base check at load),
+    and the packed tensor is no weight-space target."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                bnb_4bit_quant_storage=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(saved, quantization_config=config, dtype=torch.float32).train()
+        again = AutoModelForCausalLM.from_pretrained(saved, quantization_config=config, dtype=torch.float32).train()
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    snap = snapshot(model)
+    with pytest.raises(UnsupportedModuleError, match="packed quantised weight"):
+        surgery.rewrite(model, VARIANTS[key], where="*.q_proj.weight")
+    assert_unchanged(model, snap)
+    base = logits(model)
+    rewrite(model, key)
+    assert rel_err(logits(model), base) <= 1e-6
+    with torch.no_grad():
+        for s in surgery.sites(model).values():
+            for t in s.adapter_tensors().values():
+                t.add_(0.02)
+    adapted = logits(model)
+    surgery.save(model, tmp_path / "a.safetensors")
+    surgery.load(again, tmp_path / "a.safetensors")
+    assert torch.equal(logits(again), adapted)
+    surgery.merge(model, dequantize=True)
+    assert rel_err(logits(model), adapted) <= 1e-5
