@@ -164,7 +164,7 @@ def dequantized_at(module: nn.Module, index: torch.Tensor) -> torch.Tensor:
     from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
     qs = w.quant_state
     bs = qs.blocksize
-    if qs.shape[-1] % bs:  # bnb's CPU kernel decodes such a width by rows, not as it was quantised: decode it all
+    if qs.shape[-1] % bs:  # blocks that straddle rows, which bnb's CPU kernel does not decode as flat blocks
         return dequantized(module).reshape(-1)[index]
     blocks, which = torch.unique(index // bs, return_inverse=True)
     absmax = qs.absmax
