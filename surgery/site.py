@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx.graph_module import _WrappedCall
 
 from . import quant
-from .errors import ConfigError, UnsupportedModuleError
+from .errors import ConfigError, TraceError, UnsupportedModuleError
 from .splice import ADAPTERS, DEFAULT, Stack, slot_prefix
 from .variant import SiteInfo, Variant
 
@@ -525,6 +525,50 @@ def _call_wrapped(self, *args, **kwargs):
     return self._wrapped_call(self, *args, **kwargs)
 
 
+_PROVENANCE = "_surgery_provenance"  # in a pickled site: (name, op, provenance) of each node, in graph order
+
+
+class _SavedCodeTracer(fx.Tracer):
+    """How GraphModule's pickle reader traces a site's saved code again: as ``splice.trace`` traced it, buffers
+    as get_attr nodes (else ``scale == 0`` on the runtime strength would be computed once and baked in, and
+    ``set_scale`` after a ``torch.load`` would change nothing)."""
+
+    def __init__(self):
+        super().__init__(autowrap_modules=())
+        self.proxy_buffer_attributes = True
+
+
+def _unpickled_site(body: dict, import_block: str) -> "Site":
+    """A pickled site, rebuilt: GraphModule's own reader traces the saved code again (keeping only what the
+    graph reads), then the site takes back its node provenance and everything else it held. The trace makes
+    a node per statement, in order, but names them afresh (a ``linear_1`` whose ``linear`` was dead code comes
+    back as ``linear``): the record's node names follow them."""
+    saved = body.pop(_PROVENANCE)
+    rec = body["record"]
+    gm = fx.graph_module.reduce_graph_module(body, import_block)
+    nodes = list(gm.graph.nodes)
+    if [op for _, op, _ in saved] != [n.op for n in nodes]:
+        raise TraceError(
+            f"cannot unpickle the site at {rec.path}: tracing its saved code again gave other nodes than it was "
+            "saved with, so its input and output could not be found. Save the adapters with surgery.save and load "
+            "them onto the base with surgery.load instead of pickling the whole model."
+        )
+    names = {}
+    for (name, _, meta), n in zip(saved, nodes):
+        names[name] = n.name
+        if meta is not None:
+            n.meta["surgery"] = meta
+    rec.x, rec.y, rec.out = (names.get(v, v) for v in (rec.x, rec.y, rec.out))
+    site = Site(gm, gm.graph, class_name=type(gm).__name__)
+    for table in ("_parameters", "_buffers", "_modules"):
+        for name, value in body[table].items():
+            getattr(site, table)[name] = value
+    site.__dict__["record"] = rec
+    site._non_persistent_buffers_set = set(body["_non_persistent_buffers_set"])
+    site.train(body["training"])
+    return site
+
+
 class Site(fx.GraphModule, SiteAPI):
     """Module scope: a traced leaf with a variant spliced in, swapped into the model at ``path``."""
 
@@ -607,8 +651,14 @@ class Site(fx.GraphModule, SiteAPI):
         return res
 
     def __reduce__(self):
+        """GraphModule's pickle (the generated code and this module's __dict__), rebuilt as a Site: torch.load
+        of a whole rewritten model gives back sites that the verbs know, not plain GraphModules."""
         self._unshare()  # pickle writes the code and this module's __dict__, which must not carry a shared graph
-        return super().__reduce__()
+        _, (body, import_block) = super().__reduce__()
+        body["_graphmodule_cls_name"] = type(self).__name__
+        body["_tracer_cls"] = _SavedCodeTracer
+        body[_PROVENANCE] = [(n.name, n.op, n.meta.get("surgery")) for n in self._graph.nodes]
+        return _unpickled_site, (body, import_block)
 
     @property
     def base(self) -> nn.Module:
