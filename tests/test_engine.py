@@ -295,7 +295,7 @@ def test_a_whole_rewritten_model_through_torch_save_and_load(variant, tmp_path):
     back as plain GraphModules, so adapter_names said [] of a model running two adapters. Now: the same generated
     code (a runtime strength traced again as a constant would make set_scale a silent no-op), the provenance the
     diff reads, the named adapters, a strength that still acts (IA3 and HRA at down_proj come back with renamed
-    nodes, which the gate must find), and the same merge. (A graph-scope model is refused by pickle itself.)"""
+    nodes, which the gate must find), and the same merge."""
     model, x = LLAMA.model(), LLAMA.inputs()
     base = LLAMA.out(model, x)
     surgery.rewrite(model, variant, LLAMA.where)
