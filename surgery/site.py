@@ -534,7 +534,7 @@ class _SavedCodeTracer(fx.Tracer):
     ``set_scale`` after a ``torch.load`` would change nothing)."""
 
     def __init__(self):
-        super().__init__(autowrap_modules=())
+        super().__init__(autowrap_modules=())  # the saved code names the functions it calls with fx.wrap itself
         self.proxy_buffer_attributes = True
 
 
@@ -654,6 +654,13 @@ class Site(fx.GraphModule, SiteAPI):
         """GraphModule's pickle (the generated code and this module's __dict__), rebuilt as a Site: torch.load
         of a whole rewritten model gives back sites that the verbs know, not plain GraphModules."""
         self._unshare()  # pickle writes the code and this module's __dict__, which must not carry a shared graph
+        if any(n.target is quant.dequantized for n in self._graph.nodes):
+            raise TraceError(
+                f"cannot pickle the site at {self.record.path}: its forward dequantises its bitsandbytes base "
+                "(a variant such as DoRA reads W at every step), and code that reads a layer's weight through the "
+                "layer cannot be traced again when it is unpickled. Save the adapters with surgery.save and load "
+                "them onto the quantised base with surgery.load."
+            )
         _, (body, import_block) = super().__reduce__()
         body["_graphmodule_cls_name"] = type(self).__name__
         body["_tracer_cls"] = _SavedCodeTracer

@@ -289,14 +289,16 @@ def test_a_deleted_model_is_freed_at_once(verb, tmp_path):
         gc.enable()
 
 
-@pytest.mark.parametrize("variant", [DoRA(r=2), IA3(), HRA(r=2)], ids=["dora", "ia3", "hra"])
-def test_a_whole_rewritten_model_through_torch_save_and_load(variant, tmp_path):
+@pytest.mark.parametrize("variant, dtype", [(DoRA(r=2), torch.float32), (IA3(), torch.float32), (HRA(r=2), torch.float32),
+                                            (DoRA(r=2), torch.bfloat16)], ids=["dora", "ia3", "hra", "dora-bf16"])
+def test_a_whole_rewritten_model_through_torch_save_and_load(variant, dtype, tmp_path):
     """Module scope: torch.save(model) / torch.load(weights_only=False) gives back sites the verbs know. They came
     back as plain GraphModules, so adapter_names said [] of a model running two adapters. Now: the same generated
     code (a runtime strength traced again as a constant would make set_scale a silent no-op), the provenance the
     diff reads, the named adapters, a strength that still acts (IA3 and HRA at down_proj come back with renamed
-    nodes, which the gate must find), and the same merge."""
-    model, x = LLAMA.model(), LLAMA.inputs()
+    nodes, which the gate must find), and the same merge. A bfloat16 base casts to float32 adapters through
+    helper calls that must stay calls when the code is traced again."""
+    model, x = LLAMA.model(dtype=dtype), LLAMA.inputs()
     base = LLAMA.out(model, x)
     surgery.rewrite(model, variant, LLAMA.where)
     surgery.rewrite(model, LoRA(r=2), "*.k_proj", name="b")

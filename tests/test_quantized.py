@@ -422,3 +422,18 @@ def test_a_4bit_weight_packed_into_bfloat16_storage(key, saved, tmp_path):
     assert torch.equal(logits(again), adapted)
     surgery.merge(model, dequantize=True)
     assert rel_err(logits(model), adapted) <= 1e-5
+
+
+def test_torch_save_of_a_whole_qlora_model(saved, tmp_path):
+    """LoRA beside a 4-bit base goes through torch.save / torch.load whole; DoRA, whose forward dequantises the base
+    at every step, is refused when saved (its code could not be traced again on load), with the way that works."""
+    model = load(saved, "nf4")
+    rewrite(model, "lora")
+    want = logits(model)
+    torch.save(model, tmp_path / "lora.pt")
+    again = torch.load(tmp_path / "lora.pt", weights_only=False)
+    assert torch.equal(logits(again), want) and list(surgery.sites(again)) == list(surgery.sites(model))
+    dora = load(saved, "nf4")
+    rewrite(dora, "dora")
+    with pytest.raises(TraceError, match=r"cannot pickle the site at .*surgery\.save"):
+        torch.save(dora, tmp_path / "dora.pt")
