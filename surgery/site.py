@@ -33,7 +33,7 @@ from torch.fx.graph_module import _WrappedCall
 
 from . import quant
 from .errors import ConfigError, TraceError, UnsupportedModuleError
-from .splice import ADAPTERS, DEFAULT, Stack, slot_prefix
+from .splice import ADAPTERS, DEFAULT, SiteTracer, Stack, slot_prefix
 from .variant import SiteInfo, Variant
 
 try:  # GPT-2's Conv1D: an nn.Linear with the weight stored transposed, (d_in, d_out)
@@ -528,16 +528,6 @@ def _call_wrapped(self, *args, **kwargs):
 _PROVENANCE = "_surgery_provenance"  # in a pickled site: (name, op, provenance) of each node, in graph order
 
 
-class _SavedCodeTracer(fx.Tracer):
-    """How GraphModule's pickle reader traces a site's saved code again: as ``splice.trace`` traced it, buffers
-    as get_attr nodes (else ``scale == 0`` on the runtime strength would be computed once and baked in, and
-    ``set_scale`` after a ``torch.load`` would change nothing)."""
-
-    def __init__(self):
-        super().__init__(autowrap_modules=())  # the saved code names the functions it calls with fx.wrap itself
-        self.proxy_buffer_attributes = True
-
-
 def _unpickled_site(body: dict, import_block: str) -> "Site":
     """A pickled site, rebuilt: GraphModule's own reader traces the saved code again (keeping only what the
     graph reads), then the site takes back its node provenance and everything else it held. The trace makes
@@ -663,7 +653,10 @@ class Site(fx.GraphModule, SiteAPI):
             )
         _, (body, import_block) = super().__reduce__()
         body["_graphmodule_cls_name"] = type(self).__name__
-        body["_tracer_cls"] = _SavedCodeTracer
+        # traced again as splice.trace traced it, buffers as nodes: fx's default would compute `scale == 0` on the
+        # runtime strength once and bake it in, and set_scale after a torch.load would change nothing (an opaque
+        # base's graph, built by hand, names no tracer of its own)
+        body["_tracer_cls"] = SiteTracer
         body[_PROVENANCE] = [(n.name, n.op, n.meta.get("surgery")) for n in self._graph.nodes]
         return _unpickled_site, (body, import_block)
 

@@ -120,16 +120,23 @@ class VariantGraph:
     constants: dict[str, torch.Tensor]  # get_attr target -> tensor, e.g. '_tensor_constant0'
 
 
+class SiteTracer(fx.Tracer):
+    """fx's tracer as site code needs it; also what a pickled site's saved code is traced again with."""
+
+    def __init__(self):
+        # no autowrapping of `math`: scanning globals for it was a third of rewrite time, and site code
+        # only ever calls math on Python numbers (fixed at trace time), never on tensors
+        super().__init__(autowrap_modules=())
+        # a buffer read as a get_attr node: else fx computes `2 * t.buffer` once at trace time and bakes the result
+        # in as a constant, so later values of the buffer (a load, a new runtime strength) would never be seen
+        self.proxy_buffer_attributes = True
+
+
 def trace(root: nn.Module, **kwargs) -> fx.Graph:
-    """fx's trace of ``root`` as site code needs it, with the tracer's state dropped afterwards: the Tracer ends
-    in a reference cycle with closures it made while tracing, and holds ``root`` and its tensors, which would
+    """``SiteTracer``'s trace of ``root``, with the tracer's state dropped afterwards: the Tracer ends in a
+    reference cycle with closures it made while tracing, and holds ``root`` and its tensors, which would
     then outlive the user's model until Python's cyclic collector ran."""
-    # no autowrapping of `math`: scanning globals for it was a third of rewrite time, and site code
-    # only ever calls math on Python numbers (fixed at trace time), never on tensors
-    t = fx.Tracer(autowrap_modules=())
-    # a buffer read as a get_attr node: else fx computes `2 * t.buffer` once at trace time and bakes the result
-    # in as a constant, so later values of the buffer (a load, a new runtime strength) would never be seen
-    t.proxy_buffer_attributes = True
+    t = SiteTracer()
     try:
         return t.trace(root, **kwargs)
     finally:
