@@ -550,11 +550,7 @@ def _unpickled_site(body: dict, import_block: str) -> "Site":
             n.meta["surgery"] = meta
     rec.x, rec.y, rec.out = (names.get(v, v) for v in (rec.x, rec.y, rec.out))
     site = Site(gm, gm.graph, class_name=type(gm).__name__)
-    for table in ("_parameters", "_buffers", "_modules"):
-        for name, value in body[table].items():
-            getattr(site, table)[name] = value
-    site.__dict__["record"] = rec
-    site._non_persistent_buffers_set = set(body["_non_persistent_buffers_set"])
+    site.hold(body["_parameters"], body["_buffers"], body["_modules"], body["_non_persistent_buffers_set"], rec)
     site.train(body["training"])
     return site
 
@@ -628,17 +624,23 @@ class Site(fx.GraphModule, SiteAPI):
     def __deepcopy__(self, memo):
         self._unshare()  # first, so that the copy's nodes name this site
         res = super().__deepcopy__(memo)
-        # GraphModule's copy keeps only what the graph reads (not a None bias, an unread strength buffer, the
-        # tensors of inactive adapters) and gives dotted targets fresh containers: put back the copies of all
-        # of them (the memo hands out the very copies made for the rest of the module)
-        for table in ("_parameters", "_buffers"):
-            for name, value in getattr(self, table).items():
-                if name not in getattr(res, table):
-                    getattr(res, table)[name] = copy.deepcopy(value, memo)
-        res._modules.update({n: copy.deepcopy(m, memo) for n, m in self._modules.items()})
-        res.__dict__["record"] = copy.deepcopy(self.record, memo)
-        res._non_persistent_buffers_set = set(self._non_persistent_buffers_set)  # GraphModule's copy drops it
+        # the memo hands out the very copies GraphModule's copy made of what the graph reads
+        copied = [{n: copy.deepcopy(v, memo) for n, v in table.items()}
+                  for table in (self._parameters, self._buffers, self._modules)]
+        res.hold(*copied, self._non_persistent_buffers_set, copy.deepcopy(self.record, memo))
         return res
+
+    def hold(self, parameters: dict, buffers: dict, modules: dict, constants: set[str], record: SiteRecord) -> None:
+        """Take what GraphModule leaves out, and the record. GraphModule keeps only what the graph reads (not a
+        None bias whose dead code was dropped, an unread strength, the tensors of inactive adapters), gives a
+        dotted target (adapters.b.lora_A) fresh containers, and drops the set of non-persistent buffers (the
+        traced constants, the strength): the site holds all of them, in the real containers."""
+        for table, held in ((self._parameters, parameters), (self._buffers, buffers)):
+            for name, value in held.items():
+                table.setdefault(name, value)
+        self._modules.update(modules)
+        self._non_persistent_buffers_set = set(constants)
+        self.__dict__["record"] = record
 
     def __reduce__(self):
         """GraphModule's pickle (the generated code and this module's __dict__), rebuilt as a Site: torch.load

@@ -92,16 +92,9 @@ def build_site(base: Base, parts: list[Part], ctx: SiteInit,
             templates.sites[kind] = tpl
     else:
         site = Site.shared(root, tpl.graph, tpl.code, meta, class_name=type(leaf).__name__)
-    for table in ("_parameters", "_buffers"):  # what the graph does not read (a bias dead code dropped)
-        for name, value in getattr(root, table).items():
-            if name not in getattr(site, table):
-                getattr(site, table)[name] = value
-    # GraphModule gives a dotted target (adapters.b.lora_A) fresh containers holding only what the graph reads;
-    # the site keeps the real ones, with every named adapter's tensors, modules and strength
-    site._modules.update(root._modules)
-    site._non_persistent_buffers_set = set(root._non_persistent_buffers_set)  # constants, the strength
+    site.hold(root._parameters, root._buffers, root._modules, root._non_persistent_buffers_set,
+              record(base, ctx, parts, x=tpl.x, y=tpl.y, out=tpl.out))
     site.train(leaf.training)  # new modules (dropout) follow the mode of the model they join
-    site.__dict__["record"] = record(base, ctx, parts, x=tpl.x, y=tpl.y, out=tpl.out)
     return site, (tpl.probe if later else None)
 
 
