@@ -136,16 +136,19 @@ def stored_as_floats(w: torch.Tensor) -> bool:
     return w.is_floating_point() and getattr(w, "quant_state", None) is None
 
 
+def _int8_scales(module: nn.Module) -> torch.Tensor:
+    """An 8-bit layer's row scales (d_out,): W = int8 rows times these."""
+    scb = getattr(module.weight, "SCB", None)
+    return (module.state.SCB if scb is None else scb).float() / 127
+
+
 def dequantized(module: nn.Module) -> torch.Tensor:
     """W of a bitsandbytes layer as a float32 (d_out, d_in) tensor, made now (never cached)."""
     w = module.weight
     if stored_as_floats(w):
         return w.detach().float()
     if kind(module) == "int8":
-        scb = getattr(w, "SCB", None)
-        if scb is None:
-            scb = module.state.SCB
-        return w.data.float() * (scb.float().unsqueeze(1) / 127)
+        return w.data.float() * _int8_scales(module).unsqueeze(1)
     from bitsandbytes.functional import dequantize_4bit
     return dequantize_4bit(w.data, w.quant_state).float().reshape(module.out_features, module.in_features)
 
@@ -157,10 +160,8 @@ def dequantized_at(module: nn.Module, index: torch.Tensor) -> torch.Tensor:
     if stored_as_floats(w):
         return w.detach().reshape(-1)[index].float()
     if kind(module) == "int8":
-        scb = getattr(w, "SCB", None)
-        scb = module.state.SCB if scb is None else scb
         rows = index // module.in_features
-        return w.data[rows, index % module.in_features].float() * (scb.float()[rows] / 127)
+        return w.data[rows, index % module.in_features].float() * _int8_scales(module)[rows]
     from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
     qs = w.quant_state
     bs = qs.blocksize
